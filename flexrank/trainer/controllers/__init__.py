@@ -1,0 +1,6 @@
+"""Rank controllers: plain torch objects that decide which ranks of the rank layers are active."""
+
+from .base import RankController
+from .elastic import ElasticController
+
+__all__ = ["RankController", "ElasticController"]

@@ -1,0 +1,42 @@
+"""The interface every rank controller implements; a unit test drives it without a Trainer.
+
+A controller only writes mask buffers (identical on every rank, so no communication) or acts inside the
+optimizer step; it never edits a parameter behind the optimizer's back (under ZeRO the optimizer owns the
+fp32 master copy and such an edit is silently undone).
+"""
+
+import torch
+
+from ..rank_layer import RankLoraLinear
+
+
+class RankController:
+    def __init__(self, layers: dict[str, RankLoraLinear], adapter: str = "default"):
+        self.layers, self.adapter = layers, adapter
+
+    def passes(self, step: int) -> int:
+        """Forward/backward passes per micro-batch at this optimizer step (a sandwich rule uses several)."""
+        return 1
+
+    def before_pass(self, step: int, pass_index: int) -> None:
+        """Set the masks for this pass of optimizer step `step`. Must depend on (step, pass_index) only, so
+        every process, micro-batch and gradient-checkpoint recomputation sees the same subnet."""
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A term added to the training loss (regulariser), or None."""
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Runs right after the optimizer step of `step`, before gradients are zeroed."""
+
+    def log_metrics(self) -> dict[str, float]:
+        return {}
+
+    def active_rank(self) -> int:
+        return int(sum(int(torch.count_nonzero(l.rank_weights(self.adapter))) for l in self.layers.values()))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,273 @@
+"""User records (Alpaca, chat, plain text, classification) -> token ids, labels and padded/packed batches."""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import DataCollatorWithFlattening
+
+from flexrank.trainer.errors import ConfigError
+
+FORMATS = ("auto", "alpaca", "chat", "text")
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # the label value that torch's cross-entropy (and so every HF loss) skips
+_REQUIRED = {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+_RECORD_HELP = (
+    "a .json list, .jsonl or .txt file of alpaca {system?, instruction, input?, output}, "
+    "chat {messages: [{role, content}, ...]} or text {text} records"
+)
+
+
+def load_records(path, fmt: str = "auto") -> list[dict]:
+    """Read and validate every record, so a bad file fails before any model is loaded."""
+    if fmt not in FORMATS:
+        raise ConfigError("data.format", fmt, ", ".join(FORMATS))
+    path = Path(path)
+    records = _read(path)
+    if not records:
+        raise ConfigError("data.path", str(path), _RECORD_HELP, "the file holds no records")
+    if fmt == "auto":
+        # One format per file, taken from the first record, so that a later record missing a key is
+        # reported as such rather than silently read as another format.
+        fmt = record_format(records[0])
+        if fmt is None:
+            keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
+            raise ConfigError("data.path", str(path), _RECORD_HELP, f"record 0: cannot tell the format from {keys}")
+    for i, record in enumerate(records):
+        problem = _problem(record, fmt)
+        if problem:
+            raise ConfigError("data.path", str(path), _RECORD_HELP, f"record {i} ({fmt}): {problem}")
+    return records
+
+
+def record_format(record) -> str | None:
+    """'alpaca', 'chat' or 'text' from the record's keys; None when it is none of them."""
+    if not isinstance(record, dict):
+        return None
+    return next((fmt for fmt, keys in _REQUIRED.items() if all(k in record for k in keys)), None)
+
+
+def to_messages(record: dict) -> list[dict]:
+    """The record as a chat: an Alpaca record is an optional system turn, one user turn and one assistant turn."""
+    if record_format(record) == "chat":
+        return record["messages"]
+    user = record["instruction"] + ("\n\n" + record["input"] if record.get("input") else "")
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return system + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def reference_answer(record: dict) -> str:
+    """What generation is scored against: the last assistant turn."""
+    return to_messages(record)[_last_assistant(record)]["content"]
+
+
+def generation_prompt(tokenizer, record: dict) -> str:
+    """The conversation up to the last assistant turn, ending with the generation prompt."""
+    return _render(tokenizer, to_messages(record)[: _last_assistant(record)], add_generation_prompt=True)
+
+
+def tokenize_record(tokenizer, record: dict, max_length: int, response_only: bool = True) -> dict:
+    """{"input_ids", "labels"} for causal-LM training, truncated to max_length (the start is kept).
+
+    With response_only, only the assistant turns are learned: every other token is labelled -100.
+    """
+    if record_format(record) == "text":
+        ids = tokenizer(record["text"])["input_ids"]
+        if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+            ids.append(tokenizer.eos_token_id)  # so the model learns where a document ends
+        return {"input_ids": ids[:max_length], "labels": ids[:max_length]}
+    messages = to_messages(record)
+    ids = _encode_chat(tokenizer, messages)
+    if not response_only:
+        return {"input_ids": ids[:max_length], "labels": ids[:max_length]}
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            # Tokenize the prefixes rather than search for the answer's tokens: the boundary is then exact
+            # for any template, as long as the template's tokenization is prefix-stable (checked).
+            start = _prefix_length(tokenizer, messages[:i], ids, add_generation_prompt=True)
+            end = _turn_end(tokenizer, ids, start, _prefix_length(tokenizer, messages[: i + 1], ids))
+            labels[start:end] = ids[start:end]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def tokenize_classification(tokenizer, record: dict, max_length: int) -> dict:
+    enc = tokenizer(record["text"], truncation=True, max_length=max_length)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": int(record["label"])}
+
+
+class TokenizedDataset(Dataset):
+    """A list of tokenized dicts; tokenizing once up front keeps the training loop free of text work."""
+
+    def __init__(self, items: list[dict]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pads a batch: input_ids with the pad id, labels with -100, plus the attention mask.
+
+    A class rather than a closure so that DataLoader workers can pickle it.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["input_ids"]) for f in features)
+
+        def pad(seq, value):
+            return list(seq) + [value] * (width - len(seq))
+
+        batch = {
+            "input_ids": torch.tensor([pad(f["input_ids"], self.pad_token_id) for f in features]),
+            "attention_mask": torch.tensor([pad([1] * len(f["input_ids"]), 0) for f in features]),
+        }
+        if "labels" in features[0]:
+            labels = [f["labels"] for f in features]
+            # Token labels (causal LM) are padded; one class id per example (classification) is not.
+            if isinstance(labels[0], list):
+                labels = [pad(x, IGNORE_INDEX) for x in labels]
+            batch["labels"] = torch.tensor(labels)
+        return batch
+
+
+class PackingCollator(DataCollatorWithFlattening):
+    """Padding-free batches: the examples concatenated into one row, position_ids restarting at each.
+
+    The attention keeps the examples apart: flash-attention via varlen, sdpa/eager via a block-diagonal mask
+    that transformers builds from the position_ids. The first label of each example is -100, so no loss
+    crosses a boundary either.
+    """
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        batch = super().__call__(features, return_tensors, separator_id)
+        # transformers (5.x) builds the block-diagonal mask only when the forward has no KV cache, and a
+        # model with config.use_cache=True makes one even in training: examples would then attend to each
+        # other under sdpa/eager. Saying it in the batch makes every caller safe (see tests/test_data.py).
+        batch["use_cache"] = False
+        return batch
+
+
+def make_collator(tokenizer, packing: bool):
+    """The padding collator, or with packing the padding-free one (see PackingCollator)."""
+    return PackingCollator() if packing else PaddingCollator(pad_token_id(tokenizer))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The pad id, or eos for tokenizers without a pad token (padded positions are masked out anyway)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+    return pad_id
+
+
+def encode_chat_text(tokenizer, text: str) -> list[int]:
+    """Token ids of text laid out by the chat template (or the fallback layout), e.g. a generation_prompt."""
+    # A chat template writes its own special tokens (bos included); the fallback layout relies on the tokenizer's.
+    return tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+
+
+def _read(path: Path) -> list:
+    if not path.is_file():
+        raise ConfigError("data.path", str(path), _RECORD_HELP, "no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        # Plain text: one record per paragraph (blank-line separated).
+        return [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError("data.path", str(path), _RECORD_HELP, f"line {n} is not JSON: {e}") from None
+        return records
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError("data.path", str(path), _RECORD_HELP, f"not JSON: {e}") from None
+        if not isinstance(records, list):
+            raise ConfigError("data.path", str(path), _RECORD_HELP, "a .json file must hold a list of records")
+        return records
+    raise ConfigError("data.path", str(path), _RECORD_HELP, f"unknown extension {path.suffix!r}")
+
+
+def _problem(record, fmt: str) -> str | None:
+    """What is wrong with one record for `fmt`, or None."""
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not an object"
+    missing = [k for k in _REQUIRED[fmt] if k not in record]
+    if missing:
+        return f"missing key {missing[0]!r}"
+    if fmt == "alpaca":
+        strings = isinstance(record["instruction"], str) and isinstance(record["output"], str)
+        optional = all(isinstance(record.get(k) or "", str) for k in ("input", "system"))  # absent, "" or null
+        if not strings or not optional:
+            return "instruction and output must be strings, input and system strings or null"
+    elif fmt == "text":
+        if not isinstance(record["text"], str):
+            return "text must be a string"
+    else:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "messages must be a non-empty list"
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                return f"messages[{j}] must be {{role: {'|'.join(ROLES)}, content: string}}"
+        if not any(m["role"] == "assistant" for m in messages):
+            return "no assistant turn to learn from"
+    return None
+
+
+def _last_assistant(record: dict) -> int:
+    messages = to_messages(record)
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # Base models have no template: a plain Alpaca-style layout, each assistant turn closed by eos.
+    headers = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+    eos = tokenizer.eos_token or ""
+    blocks = [headers[m["role"]] + m["content"] + (eos if m["role"] == "assistant" else "") for m in messages]
+    if add_generation_prompt:
+        blocks.append(headers["assistant"])
+    return "\n\n".join(blocks)
+
+
+def _encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    return encode_chat_text(tokenizer, _render(tokenizer, messages, add_generation_prompt))
+
+
+def _prefix_length(tokenizer, messages: list[dict], ids: list[int], add_generation_prompt: bool = False) -> int:
+    prefix = _encode_chat(tokenizer, messages, add_generation_prompt)
+    if ids[: len(prefix)] != prefix:
+        raise ValueError(
+            f"the chat template is not prefix-stable: the tokens of the first {len(messages)} message(s)"
+            f"{' plus the generation prompt' if add_generation_prompt else ''} are not a prefix of the whole"
+            " conversation's tokens, so the prompt/response boundary for loss masking is unknown"
+        )
+    return len(prefix)
+
+
+def _turn_end(tokenizer, ids: list[int], start: int, end: int) -> int:
+    """End of the labelled span: just after the turn's last eos token, if it has one.
+
+    Templates follow the end token with layout (ChatML: "<|im_end|>\\n"); the model must learn to emit the
+    end token, not the layout after it.
+    """
+    eos = tokenizer.eos_token_id
+    closing = [i for i in range(start, end) if ids[i] == eos]
+    return closing[-1] + 1 if closing else end

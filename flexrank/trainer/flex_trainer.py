@@ -1,0 +1,71 @@
+"""The thin Trainer subclass: it runs a rank controller's hooks at the right points of a training step and
+keeps the controller's state in checkpoints. All rank logic lives in the controller."""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .controllers import RankController
+
+STATE_FILE = "flexrank_controller.pt"
+
+
+class _ControllerCallback(TrainerCallback):
+    def __init__(self, controller: RankController):
+        self.controller = controller
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # After optimizer.step(), before zero_grad(); state.global_step is still the step being taken.
+        self.controller.after_optimizer_step(state.global_step)
+
+
+class FlexTrainer(Trainer):
+    def __init__(self, *args, controller: RankController | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.controller = controller
+        if controller is not None:
+            self.add_callback(_ControllerCallback(controller))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.controller is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        step = self.state.global_step
+        losses = []
+        # Each pass (one, or several for a sandwich rule) backpropagates into the same gradients before the step.
+        for index in range(self.controller.passes(step)):
+            self.controller.before_pass(step, index)
+            losses.append(super().training_step(model, inputs, num_items_in_batch))
+        return torch.stack(losses).mean()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        extra = self.controller.extra_loss() if self.controller is not None else None
+        if extra is not None:
+            loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if self.controller is not None and "loss" in logs:
+            logs = {**logs, **self.controller.log_metrics()}
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.controller is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            torch.save(self.controller.state_dict(), folder / STATE_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state_file = Path(resume_from_checkpoint) / STATE_FILE
+        if self.controller is not None and state_file.exists():
+            self.controller.load_state_dict(torch.load(state_file, weights_only=False))
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,87 @@
+"""One LoRA layer whose active rank is set at run time: ΔW = B · diag(g ⊙ m) · A · s.
+
+`g` (`lora_gate`) is a per-rank vector (ones unless a controller learns it), `m` (`lora_rank_mask`) a per-rank
+0/1 buffer that controllers write before a step. It plugs into peft through the custom-module mapping and a
+LoRA variant, so peft's target matching, QLoRA bases (a bnb Linear4bit is an nn.Linear), save/load and merge keep
+working. Masked ranks still take part in the graph, so their gradients are zeros, not None (DDP needs that).
+"""
+
+import torch
+from peft import LoraConfig
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraVariant
+from torch import nn
+
+
+class RankVariant(LoraVariant):
+    """peft calls these with the layer; all maths lives on `RankLoraLinear` so it is written once."""
+
+    @staticmethod
+    def init(module, adapter_name, **kwargs):
+        if not hasattr(module, "lora_gate"):  # first adapter: nn.Module.__init__ has run by now
+            module.lora_gate = nn.ParameterDict()
+            module.lora_rank_mask = BufferDict(persistent=False)
+        r = module.r[adapter_name]
+        weight = module.lora_A[adapter_name].weight
+        module.lora_gate[adapter_name] = nn.Parameter(torch.ones(r, device=weight.device, dtype=weight.dtype),
+                                                      requires_grad=False)
+        module.lora_rank_mask[adapter_name] = torch.ones(r, device=weight.device, dtype=weight.dtype)
+
+    @staticmethod
+    def forward(module, active_adapter, x, result, **kwargs):
+        a = active_adapter
+        h = module.lora_A[a](module.lora_dropout[a](x))
+        h = h * module.rank_weights(a).to(h.dtype)
+        return result + module.lora_B[a](h) * module.scaling[a]
+
+    @staticmethod
+    def merge_safe(module, active_adapter, orig_weight):
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter, orig_weight):
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter, orig_weight):
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+
+class RankLoraLinear(LoraLinear):
+    # The gate is not in adapter_layer_names, so peft's set_adapter does not make it trainable: it stays frozen
+    # (ones) unless a controller that learns it switches requires_grad on.
+    other_param_names = LoraLinear.other_param_names + ("lora_gate", "lora_rank_mask")
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        return RankVariant()
+
+    def rank_weights(self, adapter: str = "default") -> torch.Tensor:
+        """g ⊙ m: the per-rank factor between A and B."""
+        return self.lora_gate[adapter] * self.lora_rank_mask[adapter]
+
+    def set_mask(self, mask: torch.Tensor, adapter: str = "default") -> None:
+        buf = self.lora_rank_mask[adapter]
+        buf.copy_(mask.to(device=buf.device, dtype=buf.dtype))
+
+    def set_width(self, width: int, adapter: str = "default") -> None:
+        """Prefix mask: the first `width` ranks are active (elastic supernets are nested)."""
+        buf = self.lora_rank_mask[adapter]
+        buf.zero_()
+        buf[:width] = 1
+
+    def get_delta_weight(self, adapter) -> torch.Tensor:
+        a = self.lora_A[adapter].weight.float()
+        b = self.lora_B[adapter].weight.float() * self.rank_weights(adapter).float()
+        return ((b @ a) * self.scaling[adapter]).to(self.lora_B[adapter].weight.dtype)
+
+
+def register_rank_layer(config: LoraConfig) -> LoraConfig:
+    """Make peft build RankLoraLinear for every targeted linear layer (bnb 4/8-bit layers are nn.Linear too).
+    The mapping is not serialised by peft: call this again before loading a flexrank supernet."""
+    config._register_custom_module({nn.Linear: RankLoraLinear})
+    return config
+
+
+def rank_layers(model: nn.Module) -> dict[str, RankLoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, RankLoraLinear)}

@@ -1,0 +1,52 @@
+"""Shared fixtures. Expensive artefacts (converted model, tiny models, data) live in the flexrank cache, so
+they are built once per machine, not once per test run."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama_config(vocab_size: int = 1000, layers: int = 2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab_size, initializer_range=0.2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir():
+    """A random 2-layer Llama with SmolLM2's real tokenizer and chat template, saved once in the cache."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from flexrank.trainer.assets import smollm2_dir
+    from flexrank.trainer.cache import cache_dir
+
+    out = cache_dir("test-models") / "tiny-llama"
+    if not (out / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok)))
+        model.config.pad_token_id = model.config.eos_token_id = tok.eos_token_id
+        tmp = out.with_name("tiny-llama.tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+@pytest.fixture()
+def tiny_llama():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture()
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}

@@ -1,0 +1,72 @@
+"""Recipe validation: every bad input is one clear message naming the key, the value and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from flexrank.trainer.config import load_config
+from flexrank.trainer.errors import ConfigError
+
+BAD = [
+    ({"adapter": {"rank": 8}}, ["adapter.rank", "unknown key", "'r'"]),
+    ({"adapter": {"r": "eight"}}, ["adapter.r", "'eight'", "valid integer"]),
+    ({"adapter": {"r": 0}}, ["adapter.r", "0", "greater than 0"]),
+    ({"adapter": {"method": "lokr"}}, ["adapter.method", "'lokr'", "'elastic'"]),
+    ({"model": {"dtype": "fp8"}}, ["model.dtype", "'fp8'", "'bfloat16'"]),
+    ({"modle": {}}, ["modle", "did you mean model"]),
+    ({"training": {"learnin_rate": 1e-4}}, ["training.learnin_rate", "did you mean learning_rate"]),
+    ({"adapter": {"method": "elastic"}}, ["adapter.elastic", "method 'elastic'"]),
+    ({"adapter": {"elastic": {"search_space": {}}}}, ["adapter.elastic", "adapter.method is 'lora'"]),
+    ({"adapter": {"method": "elastic", "elastic": {}}}, ["adapter.elastic", "exactly one of"]),
+    ({"adapter": {"method": "elastic", "elastic": {"search_space": {}, "export_subnet": "median"}}},
+     ["subnet", "'median'", "heuristic"]),
+    ({"model": {"quantization": {}}, "adapter": {"sparsity": {"ratio": 0.5}}}, ["adapter.sparsity", "4-bit"]),
+    ({"model": {"quantization": {}}, "adapter": {"method": "miss"}}, ["adapter.method", "'miss'", "lora, dora"]),
+    ({"model": {"quantization": {"bnb_4bit_quant_type": "int4"}}}, ["bnb_4bit_quant_type", "'int4'", "'nf4'"]),
+    ({"adapter": {"sparsity": {"ratio": 1.5}}}, ["adapter.sparsity.ratio", "1.5", "less than 1"]),
+    ({"data": {"task": None}}, ["data.task", "data.path"]),
+    ({"data": {"task": "analogy", "path": "x.jsonl"}}, ["data.task", "'analogy'", "not both"]),
+    ({"model": {"task_type": "seq_cls"}, "data": {"packing": True}}, ["data.packing", "causal_lm"]),
+    ({"adapter": {"mini_r": 4}}, ["adapter.mini_r", "'miss'"]),
+]
+
+
+@pytest.mark.parametrize("raw, fragments", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_recipe_names_key_value_and_allowed(raw, fragments):
+    with pytest.raises(ConfigError) as exc:
+        load_config(raw=raw)
+    for fragment in fragments:
+        assert fragment in str(exc.value), (fragment, str(exc.value))
+
+
+def test_defaults_are_the_embedded_run():
+    cfg = load_config(raw={})
+    assert cfg.model.name_or_path == "smollm2-135m-instruct" and cfg.data.task == "analogy"
+    assert cfg.training["learning_rate"] == 1e-3 and cfg.training["max_steps"] == 60
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("adapter: {r: 4}\ntraining: {max_steps: 3}\n")
+    cfg = load_config(recipe, ["training.learning_rate=1e-4", "adapter.target_modules=[q_proj, v_proj]",
+                               "model.gradient_checkpointing=true"])
+    assert cfg.training["learning_rate"] == 1e-4 and cfg.training["max_steps"] == 3
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"] and cfg.adapter.r == 4
+    assert cfg.model.gradient_checkpointing is True
+
+
+def test_bad_override_and_missing_recipe():
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_config(None, ["training.learning_rate"])
+    with pytest.raises(ConfigError, match="an existing YAML file"):
+        load_config("/nonexistent/recipe.yaml")
+
+
+def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("adapter:\n  method: elastic\n  elastic: {search_space: {}}\n  lora_alpah: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "flexrank", "check", str(recipe)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "flexrank: error: adapter.lora_alpah" in proc.stderr and "did you mean lora_alpha" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,46 @@
+"""GPU-only kernels are chosen at run time, with a fallback that works here; asking for a missing one is an error."""
+
+import pytest
+
+from flexrank.trainer import kernels
+from flexrank.trainer.errors import ConfigError
+
+
+def test_auto_falls_back_to_sdpa_and_says_why():
+    impl, why = kernels.choose_attention("auto")
+    assert impl == "sdpa" and "no CUDA device" in why  # this machine (and CI) has no GPU
+
+
+def test_auto_picks_flash_attention_when_available(monkeypatch):
+    monkeypatch.setattr(kernels, "_flash_attn_missing", lambda: None)
+    assert kernels.choose_attention("auto")[0] == "flash_attention_2"
+
+
+def test_explicit_unavailable_kernel_is_a_clear_error():
+    with pytest.raises(ConfigError) as exc:
+        kernels.choose_attention("flash_attention_2")
+    msg = str(exc.value)
+    assert "model.attn_implementation" in msg and "flash_attention_2" in msg and "sdpa" in msg and "CUDA" in msg
+
+
+def test_explicit_cpu_kernels_are_kept():
+    assert kernels.choose_attention("eager") == ("eager", "requested")
+    assert kernels.choose_attention("sdpa")[0] == "sdpa"
+
+
+def test_liger_only_with_cuda():
+    assert kernels.choose_liger("auto")[0] is False
+    assert kernels.choose_liger(False) == (False, "off")
+    with pytest.raises(ConfigError, match="model.liger_kernel"):
+        kernels.choose_liger(True)
+
+
+def test_model_loads_with_the_chosen_kernel(tiny_llama_dir):
+    from flexrank.trainer.config import load_config
+    from flexrank.trainer.modeling import load_base_model, load_tokenizer
+
+    cfg = load_config(raw={"model": {"name_or_path": str(tiny_llama_dir)}})
+    lines = []
+    model = load_base_model(cfg.model, load_tokenizer(cfg.model), log=lines.append)
+    assert model.config._attn_implementation == "sdpa"
+    assert lines == ["[flexrank] attention kernel: sdpa (auto: SDPA (no CUDA device))"]

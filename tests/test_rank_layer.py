@@ -1,0 +1,103 @@
+"""The rank-controlled LoRA layer: masking equals slicing, masked gradients are zeros, export is exact."""
+
+import random
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from flexrank.trainer.export import export_plain_adapter
+from flexrank.trainer.rank_layer import rank_layers, register_rank_layer
+
+R, ALPHA = 8, 16
+
+
+def rank_model(model, **kw):
+    cfg = register_rank_layer(LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
+                                         init_lora_weights=False, **kw))
+    return get_peft_model(model, cfg)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"]).logits
+
+
+@pytest.mark.parametrize("width", [1, 4, 8])
+def test_masked_subnet_equals_plain_lora_of_that_rank(tiny_llama, batch, width):
+    import copy
+
+    base = copy.deepcopy(tiny_llama)
+    supernet = rank_model(tiny_llama)
+    for layer in rank_layers(supernet).values():
+        layer.set_width(width)
+    # A plain peft LoRA of rank `width` with the first rows/columns and the supernet's scale alpha/r_max.
+    plain = get_peft_model(base, LoraConfig(r=width, lora_alpha=ALPHA * width / R, target_modules="all-linear"))
+    sliced = {}
+    for name, layer in rank_layers(supernet).items():
+        sliced[f"{name}.lora_A.default.weight"] = layer.lora_A["default"].weight[:width]
+        sliced[f"{name}.lora_B.default.weight"] = layer.lora_B["default"].weight[:, :width]
+    missing = plain.load_state_dict(sliced, strict=False)
+    assert not missing.unexpected_keys
+    torch.testing.assert_close(logits(supernet, batch), logits(plain, batch), rtol=0, atol=1e-5)
+
+
+def test_masked_ranks_get_zero_gradients_not_none(tiny_llama, batch):
+    model = rank_model(tiny_llama)
+    for layer in rank_layers(model).values():
+        layer.set_width(3)
+    model(**batch).loss.backward()
+    for layer in rank_layers(model).values():
+        a, b = layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+        assert a is not None and b is not None
+        assert torch.count_nonzero(a[3:]) == 0 and torch.count_nonzero(b[:, 3:]) == 0
+        assert torch.count_nonzero(a[:3]) > 0 and torch.count_nonzero(b[:, :3]) > 0
+        assert layer.lora_gate["default"].grad is None  # gates are frozen unless a controller learns them
+
+
+def test_gradient_checkpointing_sees_the_same_subnet(tiny_llama, batch):
+    import copy
+
+    plain_model = rank_model(copy.deepcopy(tiny_llama))
+    ckpt_model = rank_model(tiny_llama)
+    ckpt_model.load_state_dict(plain_model.state_dict())
+    ckpt_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt_model.train(), plain_model.train()
+    grads = []
+    for model in (plain_model, ckpt_model):
+        for layer in rank_layers(model).values():
+            layer.set_width(5)
+        model(**batch).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_export_random_subnet_loads_in_stock_peft_with_identical_logits(tiny_llama, batch, tmp_path):
+    import copy
+
+    base = copy.deepcopy(tiny_llama)
+    model = rank_model(tiny_llama).eval()
+    rng = random.Random(0)
+    for layer in rank_layers(model).values():
+        layer.set_width(rng.choice([0, 1, 3, 8]))
+    rank_layers(model)["base_model.model.model.layers.0.self_attn.q_proj"].set_width(0)
+    expected = logits(model, batch)
+    summary = export_plain_adapter(model, tmp_path / "adapter")
+    assert "model.layers.0.self_attn.q_proj" not in summary["rank_pattern"]  # rank 0: left out
+    assert summary["total_rank"] == sum(summary["rank_pattern"].values()) < R * len(rank_layers(model))
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=1e-5)
+    for name, layer in rank_layers(model).items():  # the adapter holds exactly the active ranks
+        key = name.removeprefix("base_model.model.")
+        width = int(layer.lora_rank_mask["default"].sum())
+        assert summary["rank_pattern"].get(key, 0) == width
+
+
+def test_peft_merge_uses_the_active_subnet(tiny_llama, batch):
+    model = rank_model(tiny_llama).eval()
+    for layer in rank_layers(model).values():
+        layer.set_width(2)
+    expected = logits(model, batch)
+    merged = model.merge_and_unload()
+    # Merging changes the summation order; logits here are O(10), so fp32 round-off reaches ~2e-5.
+    torch.testing.assert_close(logits(merged, batch), expected, rtol=1e-5, atol=5e-5)

@@ -1,0 +1,127 @@
+"""`flexrank train` end to end on a tiny model with the real bundled data, and `flexrank export` of a
+Shears-style run (Wanda-sparse base, NNCF JSON search space) to stock peft."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from flexrank.trainer.config import load_config
+from flexrank.trainer.run import load_run, train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1,
+         "warmup_steps": 0}
+
+
+def quick_config(model_dir, out, adapter, data=None):
+    return load_config(raw={
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"task": "analogy", "train_size": 48, "eval_size": 8, **(data or {})},
+        "adapter": adapter, "eval": {"batch_size": 8, "max_new_tokens": 4},
+        "training": {**QUICK, "output_dir": str(out)},
+    })
+
+
+def ids():
+    return torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def test_lora_run_writes_adapter_metrics_config_and_logs(tiny_llama_dir, tmp_path):
+    metrics = train(quick_config(tiny_llama_dir, tmp_path, {"method": "lora", "r": 4}))
+    for phase in ("before", "after"):
+        assert {"exact_match", "loss", "perplexity"} <= set(metrics[phase])
+        assert metrics[phase]["n"] == 8
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["after"]["loss"] == pytest.approx(metrics["after"]["loss"])
+    assert load_config(tmp_path / "config.yaml").adapter.r == 4  # the resolved config round-trips
+    assert list(tmp_path.glob("runs/*/events.out.tfevents.*"))  # TensorBoard
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    PeftModel.from_pretrained(base, tmp_path / "adapter")  # stock peft
+
+
+def test_packed_run(tiny_llama_dir, tmp_path):
+    metrics = train(quick_config(tiny_llama_dir, tmp_path, {"method": "lora", "r": 4}, {"packing": True}))
+    assert metrics["train"]["train_loss"] > 0 and metrics["after"]["loss"] < metrics["before"]["loss"]
+
+
+def test_own_data_file_gets_a_held_out_split(tiny_llama_dir, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"Add {i} and {i}.", "output": str(2 * i)})
+                              for i in range(40)))
+    cfg = quick_config(tiny_llama_dir, tmp_path / "run", {"method": "lora", "r": 4},
+                       {"task": None, "path": str(path), "train_size": None, "eval_size": 5})
+    metrics = train(cfg)
+    assert metrics["data"] == {"train": 35, "eval": 5}
+    assert "exact_match" not in metrics["after"] and metrics["after"]["loss"] > 0
+
+
+def test_shears_run_exports_subnets_to_stock_peft(tiny_llama_dir, tmp_path):
+    adapter = {"method": "elastic", "r": 16, "lora_alpha": 32,
+               "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+               "sparsity": {"ratio": 0.5, "calibration_samples": 16},
+               "elastic": {"nncf_config": str(ROOT / "recipes" / "nncf_shears_smollm2.json")}}
+    metrics = train(quick_config(tiny_llama_dir, tmp_path / "run", adapter))
+    assert metrics["sparsity"]["ratio_achieved"] == pytest.approx(0.5, abs=1e-3)
+    subnets = metrics["subnets"]
+    assert [subnets[s]["active_rank"] for s in ("maximal", "heuristic", "minimal")] == [160, 120, 80]
+    assert metrics["export"]["total_rank"] == 120  # heuristic exported by default: 2 layers x 5 modules x 12
+
+    out = tmp_path / "minimal"
+    proc = subprocess.run([sys.executable, "-m", "flexrank", "export", str(tmp_path / "run"), "--subnet", "minimal",
+                           "--out", str(out), "--merge-sparse", str(tmp_path / "merged")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(json.dumps(json.loads((out / "flexrank_export.json").read_text())))["total_rank"] == 80
+
+    _, _, supernet, controller = load_run(tmp_path / "run")
+    controller.activate("minimal")
+    supernet.eval()
+    with torch.no_grad():
+        expected = supernet(input_ids=ids()).logits
+    sparse_base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "sparse_base")
+    stock = PeftModel.from_pretrained(sparse_base, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids()).logits, expected, rtol=0, atol=1e-5)
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "sparse_base")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    for name, module in pruned.named_modules():
+        if name.endswith(("q_proj", "up_proj", "down_proj")):
+            merged_w = merged.get_submodule(name).weight
+            assert torch.equal(merged_w == 0, module.weight == 0), name  # the zeros survive the merge
+            assert not torch.equal(merged_w, module.weight)  # and the adapter was merged
+
+
+def test_minilm_polarity_classification(tmp_path):
+    cfg = load_config(raw={
+        "model": {"name_or_path": "all-minilm-l6-v2", "task_type": "seq_cls"},
+        "data": {"task": "polarity", "train_size": 64, "eval_size": 32, "max_length": 32},
+        "adapter": {"method": "lora", "r": 4, "target_modules": ["query", "value"]},
+        "training": {**QUICK, "output_dir": str(tmp_path)},
+    })
+    metrics = train(cfg)
+    assert metrics["before"]["n"] == metrics["after"]["n"] == 32
+    assert 0.0 <= metrics["after"]["accuracy"] <= 1.0
+    adapter_files = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_files["task_type"] == "SEQ_CLS"
+
+
+@pytest.mark.slow
+def test_real_model_smoke(tmp_path):
+    """The embedded default's code path on the real SmolLM2-135M-Instruct (a few steps, small eval)."""
+    proc = subprocess.run([sys.executable, "-m", "flexrank", "train", "--set", f"training.output_dir={tmp_path}",
+                           "--set", "training.max_steps=2", "--set", "data.eval_size=8", "--set", "data.train_size=64",
+                           "--set", "eval.batch_size=8"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[flexrank] before training: exact_match=" in proc.stdout and "after training" in proc.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # LoRA r=8 on q,k,v,o,gate,up,down of 30 layers: 8 x (in + out) summed = 81,408 per layer
+    assert metrics["parameters"]["trainable"] == 2_442_240
