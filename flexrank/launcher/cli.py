@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune with a recipe; prints the task metric before and after")
     _add_recipe_args(p)
+    p.add_argument("--nproc", type=int, help="processes per node (re-launches through accelerate launch)")
+    p.add_argument("--nnodes", type=int, help="number of nodes")
+    p.add_argument("--node-rank", type=int, help="this node's rank (multi-node)")
+    p.add_argument("--main-process-ip", help="address of node 0 (multi-node)")
+    p.add_argument("--main-process-port", type=int, help="rendezvous port")
+    p.add_argument("--backend", help="single | ddp | fsdp2 | zero2 | zero3 | zero3_offload | an accelerate YAML")
+    p.add_argument("--resume", help="auto (newest complete checkpoint in output_dir) or a checkpoint folder")
     p = sub.add_parser("check", help="validate a recipe and print it resolved, without running")
     _add_recipe_args(p)
     sub.add_parser("prepare", help="convert the bundled model and fetch the bundled data sets into the cache")
@@ -44,11 +53,42 @@ def _subnet_arg(value: str):
     return value
 
 
-def _train(args) -> None:
+_LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "node_rank": "distributed.node_rank",
+                 "main_process_ip": "distributed.main_process_ip", "main_process_port": "distributed.main_process_port",
+                 "backend": "distributed.backend", "resume": "training.resume_from_checkpoint"}
+
+
+def _train(args) -> int:
+    from ..trainer.backends import format_command, in_launched_process, launch_command
     from ..trainer.config import load_config
     from ..trainer.run import train
 
-    train(load_config(args.recipe, args.overrides))
+    overrides = args.overrides + [f"{key}={getattr(args, flag)}" for flag, key in _LAUNCH_FLAGS.items()
+                                  if getattr(args, flag) is not None]
+    cfg = load_config(args.recipe, overrides)  # validated here, before any process is started
+    dist = cfg.distributed
+    if dist.nproc * dist.nnodes > 1 and not in_launched_process():
+        argv = ["train"] + ([args.recipe] if args.recipe else []) + [a for o in overrides for a in ("--set", o)]
+        cmd, env = launch_command(dist, argv)
+        print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
+        return subprocess.run(cmd, env={**os.environ, **env}).returncode
+    train(cfg)
+    if in_launched_process():
+        _exit_distributed()
+    return 0
+
+
+def _exit_distributed() -> None:
+    """Tear down and leave at once: distributed CPU processes sometimes abort in interpreter teardown after
+    finishing, which fails the whole launch (reference: distributed.md §5)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _check(args) -> None:
@@ -102,11 +142,10 @@ COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _ex
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except ConfigError as exc:
         print(f"flexrank: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

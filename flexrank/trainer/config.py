@@ -141,11 +141,37 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(8, gt=0)
 
 
+class DistributedConfig(_Section):
+    """How many processes and which backend. More than one process: flexrank re-launches itself through
+    `accelerate launch` (and prints the command)."""
+    backend: str = "single"
+    nproc: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    main_process_ip: str = "127.0.0.1"
+    main_process_port: int = Field(29500, gt=0, lt=65536)
+    deepspeed_config: str | None = None
+
+    @model_validator(mode="after")
+    def _backend(self):
+        from .backends import BACKENDS
+
+        if self.backend not in BACKENDS and not (self.backend.endswith((".yaml", ".yml")) and Path(self.backend).exists()):
+            raise ConfigError("distributed.backend", self.backend, f"one of {BACKENDS} or an accelerate YAML file")
+        if self.backend == "single" and self.nproc * self.nnodes > 1:
+            raise ConfigError("distributed.backend", "single", "ddp, fsdp2, zero2, zero3 or zero3_offload",
+                              f"{self.nproc * self.nnodes} processes need a distributed backend")
+        if self.node_rank >= self.nnodes:
+            raise ConfigError("distributed.node_rank", self.node_rank, f"0 .. nnodes-1 = {self.nnodes - 1}")
+        return self
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     training: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -157,6 +183,17 @@ class RunConfig(_Section):
         if quantized and self.adapter.method in ("miss", "bat"):
             raise ConfigError("adapter.method", self.adapter.method, "lora, dora, rslora or elastic with "
                               "model.quantization", "peft has no 4-bit (bitsandbytes) MiSS layer")
+        backend = self.distributed.backend
+        if quantized and backend in ("fsdp2", "zero3", "zero3_offload") and \
+                self.model.quantization.bnb_4bit_quant_storage == "uint8":
+            raise ConfigError("model.quantization.bnb_4bit_quant_storage", "uint8",
+                              "bfloat16, float16 or float32 with distributed.backend " + backend,
+                              "sharding needs the packed 4-bit weights stored in a float dtype")
+        elastic = self.adapter.elastic
+        if elastic is not None and elastic.sandwich and backend.startswith("zero"):
+            raise ConfigError("adapter.elastic.sandwich", True, f"false with distributed.backend {backend}",
+                              "DeepSpeed steps inside every backward, so several backward passes per "
+                              "micro-batch would each count as a micro-step")
         if self.model.task_type == "seq_cls" and self.data.packing:
             raise ConfigError("data.packing", True, "false with model.task_type seq_cls",
                               "packing applies to causal_lm only")

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from . import checkpoints
+from .backends import backend_of
 from .controllers import RankController
 
 STATE_FILE = "flexrank_controller.pt"
@@ -52,10 +54,28 @@ class FlexTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        keep = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate only once this checkpoint is complete (below)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = keep
+        run_dir = Path(self._get_output_dir(trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
         if self.controller is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             torch.save(self.controller.state_dict(), folder / STATE_FILE)
+        self.accelerator.wait_for_everyone()  # every process has written its shards
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.checkpoint_meta())
+            checkpoints.rotate(run_dir, keep)
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint_meta(self) -> dict:
+        """What a resume needs to know about the run that wrote the checkpoint (world size, batch layout)."""
+        return {"global_step": self.state.global_step, "world_size": self.args.world_size,
+                "backend": backend_of(self),
+                "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

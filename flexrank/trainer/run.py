@@ -4,14 +4,21 @@ Output folder: config.yaml (resolved), metrics.json, adapter/ (plain peft), supe
 sparse_base/ (the Wanda-pruned base, Shears), runs/ TensorBoard logs, checkpoints as the training arguments say.
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import TrainingArguments, set_seed
 
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from . import checkpoints
 from . import data as data_lib
+from .backends import apply_cpu_shims, backend_of, full_state_dict, zero3_init_as_configured
 from .config import RunConfig, dump_config, load_config
 from .controllers import ElasticController, RankController
 from .errors import ConfigError
@@ -107,13 +114,47 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
 
 
 def subnet_report(controller: ElasticController, peft_model) -> dict:
-    active = sum(int(torch.count_nonzero(l.rank_weights())) * (l.in_features + l.out_features)
+    active = sum(int(torch.count_nonzero(l.lora_rank_mask["default"])) * (l.in_features + l.out_features)
                  for l in controller.layers.values())
     return {"config": dict(controller.config), "active_rank": controller.active_rank(), "active_lora_params": active}
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resume_point(cfg: RunConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from, adapting gradient accumulation when the world size changed so that every
+    optimizer step still sees the same samples (global batch = per-device batch x accumulation x processes)."""
+    main = int(os.environ.get("RANK", 0)) == 0
+    ckpt = checkpoints.resolve_resume(cfg.training.pop("resume_from_checkpoint", None), out,
+                                      warn=print if main else (lambda *_: None), set_aside=main)
+    if ckpt is None:
+        return None
+    saved, t = checkpoints.meta(ckpt), cfg.training
+    world = _world_size()
+    if saved["world_size"] != world:
+        if saved["backend"].startswith("zero"):
+            raise ConfigError("distributed.nproc", world, f"{saved['world_size']} processes (as when {ckpt} was "
+                              "written)", "DeepSpeed ZeRO checkpoints are partitioned per process")
+        global_batch = saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"] * saved["world_size"]
+        per_step = t["per_device_train_batch_size"] * world
+        if global_batch % per_step:
+            raise ConfigError("training.per_device_train_batch_size", t["per_device_train_batch_size"],
+                              f"a divisor of the checkpoint's global batch {global_batch} / {world} processes")
+        t["gradient_accumulation_steps"] = global_batch // per_step
+        if main:
+            print(f"[flexrank] resume: world size {saved['world_size']} -> {world}; gradient_accumulation_steps "
+                  f"{saved['gradient_accumulation_steps']} -> {t['gradient_accumulation_steps']} keeps the global "
+                  f"batch at {global_batch} samples, so training continues at sample "
+                  f"{saved['global_step'] * global_batch}")
+    return ckpt
+
+
 def train(cfg: RunConfig) -> dict:
     out = Path(cfg.training["output_dir"])
+    apply_cpu_shims()
+    resume = resume_point(cfg, out)
     args = training_arguments(cfg)  # validates the training section before anything heavy
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -123,7 +164,8 @@ def train(cfg: RunConfig) -> dict:
     eval_collator = data_lib.make_collator(tokenizer, False)
     print(f"[flexrank] data: {len(train_set)} train / {len(eval_set)} held-out records ({run_data.kind})")
 
-    model = load_base_model(cfg.model, tokenizer)
+    with zero3_init_as_configured():
+        model = load_base_model(cfg.model, tokenizer)
     metrics: dict = {"data": {"train": len(train_set), "eval": len(eval_set)}}
     if cfg.adapter.sparsity:
         from .sparsity import wanda_prune
@@ -144,31 +186,52 @@ def train(cfg: RunConfig) -> dict:
         print(f"[flexrank] before training: {_summary(metrics['before'])}")
     trainer = FlexTrainer(model=peft_model, args=args, train_dataset=train_set, data_collator=collator,
                           controller=controller)
-    result = trainer.train(resume_from_checkpoint=cfg.training.get("resume_from_checkpoint"))
-    metrics["train"] = result.metrics
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics["train"] = {**result.metrics, "backend": backend_of(trainer),
+                        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                        "world_size": args.world_size, "resumed_from": str(resume) if resume else None}
+    main = trainer.is_world_process_zero()
+    full_state = full_state_dict(trainer)  # gathered from ZeRO-3 / FSDP2 shards; a collective
 
     if controller is None:
         if cfg.eval.after:
             metrics["after"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
-        peft_model.save_pretrained(out / "adapter")
+        if main:
+            export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
     else:
         metrics["subnets"] = {}
         for which in cfg.adapter.elastic.evaluate_subnets if cfg.eval.after else []:
             controller.activate(which)
             metrics["subnets"][which] = {**subnet_report(controller, peft_model),
                                          **evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)}
-            print(f"[flexrank] after training, {which} subnet: {_summary(metrics['subnets'][which])}")
-        peft_model.save_pretrained(out / "supernet")
-        controller.activate(cfg.adapter.elastic.export_subnet)
-        metrics["export"] = export_plain_adapter(peft_model, out / "adapter")
-        metrics["after"] = metrics["subnets"].get(cfg.adapter.elastic.export_subnet, {}) if isinstance(
-            cfg.adapter.elastic.export_subnet, str) else {}
-    if "after" in metrics and metrics["after"]:
+            if main:
+                print(f"[flexrank] after training, {which} subnet: {_summary(metrics['subnets'][which])}")
+        export_subnet = cfg.adapter.elastic.export_subnet
+        if main:  # the whole supernet (all ranks, gates), for later export of any subnet
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(
+                peft_model, state_dict=full_state).items()}, _ensure(out / "supernet") / "adapter_model.safetensors")
+            peft_model.peft_config["default"].save_pretrained(out / "supernet")
+        controller.activate(export_subnet)
+        if main:
+            metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
+        metrics["after"] = metrics["subnets"].get(export_subnet, {}) if isinstance(export_subnet, str) else {}
+    trainer.accelerator.wait_for_everyone()
+    if not main:
+        return metrics
+    if isinstance(controller, ElasticController):
+        with open(out / "elastic_samples.jsonl", "w") as f:  # the subnet trained at every optimizer step
+            f.writelines(json.dumps({"step": k, "subnet": v}) + "\n" for k, v in sorted(controller.history.items()))
+    if metrics.get("after"):
         print(f"[flexrank] after training: {_summary(metrics['after'])}")
     (out / "config.yaml").write_text(dump_config(cfg))
     write_json(out / "metrics.json", metrics)
     print(f"[flexrank] wrote {out}/adapter, {out}/metrics.json, {out}/config.yaml")
     return metrics
+
+
+def _ensure(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _summary(m: dict) -> str:

@@ -33,7 +33,9 @@ class RankController:
         return {}
 
     def active_rank(self) -> int:
-        return int(sum(int(torch.count_nonzero(l.rank_weights(self.adapter))) for l in self.layers.values()))
+        """Ranks the masks leave on (masks are replicated buffers: readable on every backend, unlike the
+        gates, which ZeRO-3 partitions)."""
+        return int(sum(int(torch.count_nonzero(l.lora_rank_mask[self.adapter])) for l in self.layers.values()))
 
     def state_dict(self) -> dict:
         return {}

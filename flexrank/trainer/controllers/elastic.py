@@ -14,6 +14,7 @@ class ElasticController(RankController):
         self.space, self.seed, self.steps_per_epoch, self.sandwich = space, seed, steps_per_epoch, sandwich
         self.config: dict[str, int] = space.maximal()
         self.activate(self.config)
+        self.history: dict[int, dict[str, int]] = {}  # optimizer step -> sampled subnet (logged by the trainer)
 
     def subnet(self, which: str | dict) -> dict[str, int]:
         """A named subnet (maximal / heuristic / minimal) or an explicit {group: width}, validated."""
@@ -34,6 +35,7 @@ class ElasticController(RankController):
         sampled = self.space.config_for_step(self.seed, step, self.steps_per_epoch)
         # Sandwich rule (max, min, random in one optimizer step), as in EFTNAS; else one sampled subnet.
         self.activate((["maximal", "minimal"] + [sampled])[pass_index] if self.sandwich else sampled)
+        self.history[step] = sampled
 
     def log_metrics(self) -> dict[str, float]:
         widths = list(self.config.values())

@@ -1,0 +1,128 @@
+"""The one place that knows how distributed backends differ: launch commands, the CPU shims used for tests on
+machines without a GPU (never active when CUDA is present), and gathering sharded parameters.
+
+Backends: single, ddp, fsdp2, zero2, zero3, zero3_offload (accelerate_configs/ and ds_configs/ hold the files).
+"""
+
+import os
+import shlex
+from contextlib import contextmanager
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
+_ACCELERATE_FILES = {"single": "single.yaml", "ddp": "ddp.yaml", "fsdp2": "fsdp2.yaml",
+                     "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
+                     "zero3_offload": "deepspeed_zero3_offload.yaml"}
+_DS_FILES = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def in_launched_process() -> bool:
+    """True inside a process started by accelerate/torchrun (so flexrank must not re-launch itself)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def _config_file(folder: str, name: str) -> Path:
+    path = REPO / folder / name
+    if not path.exists():
+        raise ConfigError("distributed.backend", name, f"a file in {REPO / folder}", "is flexrank installed from "
+                          "its repository (pip install -e .)?")
+    return path
+
+
+def launch_command(dist, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command (and extra environment) that re-runs `flexrank <argv>` on dist.nproc
+    processes per node; flexrank prints it before running it."""
+    backend = dist.backend
+    yaml_file = Path(backend) if backend.endswith((".yaml", ".yml")) else _config_file(
+        "accelerate_configs", _ACCELERATE_FILES[backend])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(yaml_file),
+           "--num_processes", str(dist.nproc * dist.nnodes), "--num_machines", str(dist.nnodes),
+           "--machine_rank", str(dist.node_rank), "--main_process_port", str(dist.main_process_port)]
+    if dist.nnodes > 1:
+        cmd += ["--main_process_ip", dist.main_process_ip]
+    if backend in _DS_FILES or dist.deepspeed_config:
+        ds = Path(dist.deepspeed_config) if dist.deepspeed_config else _config_file("ds_configs", _DS_FILES[backend])
+        cmd += ["--deepspeed_config_file", str(ds.resolve()), "--zero3_init_flag", "false"]
+    env = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
+    return cmd + ["-m", "flexrank"] + argv, env
+
+
+def format_command(cmd: list[str], env: dict[str, str]) -> str:
+    return " ".join([f"{k}={v}" for k, v in env.items()] + [shlex.quote(c) for c in cmd])
+
+
+def apply_cpu_shims() -> bool:
+    """On a machine without CUDA, make launched multi-process runs really distributed on CPU (gloo), with the
+    backend the launch asked for. Stock accelerate, on CPU, either sees no distributed setup at all
+    (DistributedType.NO in every process), or, with use_cpu, silently drops DeepSpeed and turns FSDP into DDP.
+    - every launched process gets gloo / MULTI_CPU from accelerate's backend probe, without use_cpu, so
+      accelerate's own DeepSpeed path stays enabled (DeepSpeed runs on its CPU accelerator);
+    - FSDP is switched back on where accelerate only considers it for GPU-like device types.
+    Returns whether the shims are active. Never active where CUDA is available."""
+    if torch.cuda.is_available():
+        return False
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if getattr(PartialState._prepare_backend, "_flexrank_cpu", False):
+        return True
+    prepare_backend, accelerator_state_init = PartialState._prepare_backend, AcceleratorState.__init__
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        backend, distributed_type = prepare_backend(self, cpu, sagemaker_dp, backend)
+        if distributed_type == DistributedType.NO and in_launched_process() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            return "gloo", DistributedType.MULTI_CPU
+        return backend, distributed_type
+
+    def _accelerator_state_init(self, *args, fsdp_plugin=None, **kwargs):
+        accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    _prepare_backend._flexrank_cpu = True
+    PartialState._prepare_backend = _prepare_backend
+    AcceleratorState.__init__ = _accelerator_state_init
+    return True
+
+
+def backend_of(trainer) -> str:
+    """The running backend's name (from the Trainer's flags: accelerate's distributed_type can be reset to
+    MULTI_CPU by the CPU shims' state re-initialisation during training)."""
+    if trainer.is_deepspeed_enabled:
+        return f"zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    if trainer.is_fsdp_enabled:
+        return "fsdp2"
+    return "ddp" if trainer.args.world_size > 1 else "single"
+
+
+def full_state_dict(trainer) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict, gathered from ZeRO-3 partitions or FSDP2 shards.
+    A collective: every process must call it."""
+    model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+    state = trainer.accelerator.get_state_dict(model)
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in (state or {}).items()}
+
+
+@contextmanager
+def zero3_init_as_configured():
+    """Load the model with DeepSpeed's zero.Init only when the launch asked for it (zero3_init_flag).
+    transformers turns zero.Init on for every from_pretrained once TrainingArguments carry a ZeRO-3 config,
+    whatever accelerate's flag says; with it off, each process loads the model and the engine partitions it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    wanted = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true"
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    if not wanted:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

@@ -1,0 +1,73 @@
+"""Running `flexrank train` as a user would (CLI; several processes through accelerate launch, gloo on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+_PORT = [29600]
+
+
+def recipe(tmp: Path, model_dir: Path, method: str = "lora", **training) -> Path:
+    adapter = {"method": "lora", "r": 4} if method == "lora" else {
+        "method": "elastic", "r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+        "elastic": {"search_space": {"groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
+                                     "widths": [8, 6, 4]}, "evaluate_subnets": []}}
+    raw = {"model": {"name_or_path": str(model_dir)},
+           "data": {"task": "analogy", "train_size": 64, "eval_size": 8},
+           "adapter": adapter, "eval": {"before": False, "after": False},
+           "training": {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_steps": 6, "logging_steps": 1,
+                        "warmup_steps": 0, "report_to": [], "seed": 0, **training}}
+    path = tmp / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def zero3_test_config(tmp: Path) -> Path:
+    """ZeRO-3 with stage3_param_persistence_threshold 0, so that even tiny LoRA tensors are partitioned."""
+    cfg = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp / "zero3_t0.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train_args(recipe_path: Path, out: Path, backend: str, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "flexrank", "train", str(recipe_path), "--set", f"training.output_dir={out}"]
+    if backend == "single":
+        args += ["--set", "training.gradient_accumulation_steps=2"]  # same global batch as 2 processes x 1
+    else:
+        _PORT[0] += 1
+        args += ["--nproc", "2", "--backend", backend, "--main-process-port", str(_PORT[0])]
+        if backend == "zero3":
+            args += ["--set", f"distributed.deepspeed_config={zero3_test_config(out.parent)}"]
+    return args + list(extra)
+
+
+def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float = 1e-5) -> None:
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert ta[key].shape == tb[key].shape, key  # gathered: full shapes, never ZeRO-3 / FSDP2 shards
+        torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=atol, msg=key)
