@@ -38,10 +38,11 @@ def zero3_test_config(tmp: Path) -> Path:
     return path
 
 
-def train_args(recipe_path: Path, out: Path, backend: str, *extra: str) -> list[str]:
+def train_args(recipe_path: Path, out: Path, backend: str, *extra: str, match_two_processes: bool = True) -> list[str]:
     args = [sys.executable, "-m", "flexrank", "train", str(recipe_path), "--set", f"training.output_dir={out}"]
     if backend == "single":
-        args += ["--set", "training.gradient_accumulation_steps=2"]  # same global batch as 2 processes x 1
+        if match_two_processes:
+            args += ["--set", "training.gradient_accumulation_steps=2"]  # same global batch as 2 processes x 1
     else:
         _PORT[0] += 1
         args += ["--nproc", "2", "--backend", backend, "--main-process-port", str(_PORT[0])]

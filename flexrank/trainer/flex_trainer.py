@@ -77,11 +77,11 @@ class FlexTrainer(Trainer):
                 "per_device_train_batch_size": self.args.per_device_train_batch_size,
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        state_file = Path(resume_from_checkpoint) / STATE_FILE
-        if self.controller is not None and state_file.exists():
-            self.controller.load_state_dict(torch.load(state_file, weights_only=False))
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        # Here rather than in _load_from_checkpoint, which the Trainer skips under DeepSpeed.
+        if self.controller is not None and resume_from_checkpoint:
+            self.controller.load_state_dict(torch.load(Path(resume_from_checkpoint) / STATE_FILE, weights_only=False))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
 def write_json(path: Path, data: dict) -> None:
