@@ -29,6 +29,13 @@ BAD = [
     ({"data": {"task": "analogy", "path": "x.jsonl"}}, ["data.task", "'analogy'", "not both"]),
     ({"model": {"task_type": "seq_cls"}, "data": {"packing": True}}, ["data.packing", "causal_lm"]),
     ({"adapter": {"mini_r": 4}}, ["adapter.mini_r", "'miss'"]),
+    ({"distributed": {"backend": "zero4"}}, ["distributed.backend", "'zero4'", "fsdp2"]),
+    ({"distributed": {"nproc": 2}}, ["distributed.backend", "'single'", "2 processes need"]),
+    ({"distributed": {"nnodes": 2, "node_rank": 2, "backend": "ddp"}}, ["distributed.node_rank", "0 .. nnodes-1"]),
+    ({"model": {"quantization": {"bnb_4bit_quant_storage": "uint8"}}, "distributed": {"backend": "fsdp2", "nproc": 2}},
+     ["bnb_4bit_quant_storage", "'uint8'", "bfloat16"]),
+    ({"adapter": {"method": "elastic", "elastic": {"search_space": {}, "sandwich": True}},
+      "distributed": {"backend": "zero3", "nproc": 2}}, ["adapter.elastic.sandwich", "zero3"]),
 ]
 
 

@@ -37,3 +37,18 @@ def test_backend_matches_single_process(runs, method, backend):
         samples = (out / "elastic_samples.jsonl").read_text()
         assert samples == (ref / "elastic_samples.jsonl").read_text()
         assert len({json.dumps(json.loads(l)["subnet"]) for l in samples.splitlines()}) > 1
+
+
+def test_qlora_trains_alike_under_ddp_fsdp2_and_zero3(tmp_path, tiny_llama_dir):
+    """A 4-bit NF4 base (packed weights stored as bfloat16, so FSDP2 / ZeRO-3 can shard them)."""
+    path = recipe(tmp_path, tiny_llama_dir, "lora")
+    quant = ("--set", "model.quantization.bnb_4bit_compute_dtype=float32")
+    outs = {b: tmp_path / f"qlora-{b}" for b in ("ddp", "fsdp2", "zero3")}
+    for backend, out in outs.items():
+        proc = run(train_args(path, out, backend, *quant))
+        assert "[flexrank] launching: " in proc.stdout and "accelerate.commands.launch" in proc.stdout
+    ref = metrics(outs["ddp"])["train"]["losses"]
+    for backend in ("fsdp2", "zero3"):
+        assert metrics(outs[backend])["train"]["backend"] == backend
+        assert metrics(outs[backend])["train"]["losses"] == pytest.approx(ref, abs=1e-5)
+        assert_same_adapter(outs["ddp"], outs[backend])
