@@ -15,10 +15,15 @@ _PORT = [29600]
 
 
 def recipe(tmp: Path, model_dir: Path, method: str = "lora", **training) -> Path:
-    adapter = {"method": "lora", "r": 4} if method == "lora" else {
-        "method": "elastic", "r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-        "elastic": {"search_space": {"groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
-                                     "widths": [8, 6, 4]}, "evaluate_subnets": []}}
+    adapter = {
+        "lora": {"method": "lora", "r": 4},
+        "elastic": {"method": "elastic", "r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+                    "elastic": {"search_space": {"groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
+                                                 "widths": [8, 6, 4]}, "evaluate_subnets": []}},
+        # Thresholds large enough that some (normally initialised) gates reach exact zeros within 6 steps.
+        "sora": {"method": "sora", "r": 4, "sora": {"sparse_lambda": 0.1, "threshold": 0.05, "gate_init": "normal",
+                                                    "schedule": {"dense_steps": 2}}},
+    }[method]
     raw = {"model": {"name_or_path": str(model_dir)},
            "data": {"task": "analogy", "train_size": 64, "eval_size": 8},
            "adapter": adapter, "eval": {"before": False, "after": False},

@@ -1,6 +1,6 @@
 """Equivalence across backends, on CPU with 2 processes (gloo): single process (gradient accumulation 2) vs
 DDP vs DeepSpeed ZeRO-2 vs ZeRO-3 (parameters really partitioned) vs FSDP2 give the same per-step losses, the
-same sampled subnets and the same exported adapter, for LoRA and for the elastic supernet."""
+same sampled subnets (elastic), the same gate zero pattern (SoRA) and the same exported adapter."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 from dist_helpers import assert_same_adapter, metrics, recipe, run, train_args
 
 BACKENDS = ["single", "ddp", "zero2", "zero3", "fsdp2"]
+METHODS = ["lora", "elastic", "sora"]
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def runs(tmp_path_factory, tiny_llama_dir):
     """Every backend's run of both recipes, made once for the module."""
     tmp = tmp_path_factory.mktemp("backends")
     done = {}
-    for method in ("lora", "elastic"):
+    for method in METHODS:
         path = recipe(tmp, tiny_llama_dir, method)
         for backend in BACKENDS:
             out = tmp / f"{method}-{backend}"
@@ -24,7 +25,7 @@ def runs(tmp_path_factory, tiny_llama_dir):
     return done
 
 
-@pytest.mark.parametrize("method", ["lora", "elastic"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("backend", BACKENDS[1:])
 def test_backend_matches_single_process(runs, method, backend):
     ref, out = runs[method, "single"], runs[method, backend]
@@ -37,6 +38,10 @@ def test_backend_matches_single_process(runs, method, backend):
         samples = (out / "elastic_samples.jsonl").read_text()
         assert samples == (ref / "elastic_samples.jsonl").read_text()
         assert len({json.dumps(json.loads(l)["subnet"]) for l in samples.splitlines()}) > 1
+    if method == "sora":  # the same gates reached exact zero everywhere, and some did
+        pattern = metrics(out)["export"]["rank_pattern"]
+        assert pattern == metrics(ref)["export"]["rank_pattern"]
+        assert sum(pattern.values()) < 4 * 14
 
 
 def test_qlora_trains_alike_under_ddp_fsdp2_and_zero3(tmp_path, tiny_llama_dir):

@@ -51,9 +51,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_llama_dir
     assert_same_adapter(full, killed)
 
 
-def test_broken_newest_checkpoint_is_set_aside(tmp_path, tiny_llama_dir):
-    path = recipe(tmp_path, tiny_llama_dir, "lora", **CKPT)
-    out = tmp_path / "run"
+@pytest.mark.parametrize("method", ["lora", "sora"])
+def test_broken_newest_checkpoint_is_set_aside(tmp_path, tiny_llama_dir, method):
+    path = recipe(tmp_path, tiny_llama_dir, method, **CKPT)
+    out, full = tmp_path / "run", tmp_path / "full"
+    run(train_args(path, full, "single"))
     run(train_args(path, out, "single"))
     reference = metrics(out)["train"]["losses"]
     # Newest: a file cut short (as by a full disk); next: never finished (no manifest).
@@ -69,6 +71,7 @@ def test_broken_newest_checkpoint_is_set_aside(tmp_path, tiny_llama_dir):
     run(train_args(path, out, "single", "--resume", "auto"))
     assert metrics(out)["train"]["losses"] == pytest.approx(reference, abs=1e-6)
     assert metrics(out)["train"]["resumed_from"].endswith("checkpoint-4")
+    assert_same_adapter(full, out, atol=1e-6)
 
 
 def test_explicit_broken_checkpoint_is_a_clear_error(tmp_path, tiny_llama_dir):

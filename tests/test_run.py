@@ -125,3 +125,17 @@ def test_real_model_smoke(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # LoRA r=8 on q,k,v,o,gate,up,down of 30 layers: 8 x (in + out) summed = 81,408 per layer
     assert metrics["parameters"]["trainable"] == 2_442_240
+
+
+def test_sora_run_reports_stages_ranks_and_exports_fewer_ranks(tiny_llama_dir, tmp_path):
+    adapter = {"method": "sora", "r": 4, "sora": {"sparse_lambda": 0.1, "threshold": 0.05, "gate_init": "normal",
+                                                  "schedule": {"dense_steps": 1, "max_threshold": 0.1, "stages": 2,
+                                                               "stage_steps": 1}}}
+    metrics = train(quick_config(tiny_llama_dir, tmp_path, adapter))
+    stages = metrics["sora_stages"]
+    assert [s["stage"] for s in stages] == [-1, 0, 1] and [s["threshold"] for s in stages] == [0.0, 0.05, 0.1]
+    assert stages[-1]["zero_gates"] > 0 and all(s["eval_loss"] > 0 for s in stages)
+    assert 0 < metrics["export"]["total_rank"] < 4 * 14
+    rows = (tmp_path / "ranks.csv").read_text().splitlines()
+    assert rows[0] == "layer,module,name,rank" and len(rows) == 1 + 14  # every module, pruned ones at 0
+    assert (tmp_path / "ranks.png").stat().st_size > 1000

@@ -126,3 +126,16 @@ def zero3_init_as_configured():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+@contextmanager
+def gathered(params: list[torch.Tensor]):
+    """Full values of possibly sharded parameters (ZeRO-3 partitions, FSDP2 DTensors), read-only.
+    A collective under ZeRO-3 and FSDP2: every process must enter it."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield [p.data for p in params]
+    else:
+        yield [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]

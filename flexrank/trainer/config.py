@@ -103,6 +103,36 @@ class ElasticConfig(_Section):
         return self
 
 
+class SoRAScheduleConfig(_Section):
+    """SoRA's sparsifying schedule: a dense phase, then the threshold rises from `threshold` to `max_threshold`
+    in `stages` equal steps of `stage_steps` optimizer steps."""
+    dense_steps: int = Field(0, ge=0)
+    max_threshold: float | None = Field(None, gt=0)
+    stages: int = Field(1, ge=1)
+    stage_steps: int = Field(1, ge=1)
+    kind: Literal["linear", "log_linear", "exp_linear"] = "linear"
+
+
+class SoRAConfig(_Section):
+    sparse_lambda: float = Field(1e-3, ge=0.0)   # weight of the L1 term λ·mean|g|
+    threshold: float = Field(1e-3, ge=0.0)       # ξ of the proximal step
+    prox: Literal["sora", "textbook"] = "sora"
+    gate_init: Literal["ones", "normal"] = "ones"
+    gate_lr: float | None = Field(None, gt=0)
+    schedule: SoRAScheduleConfig = Field(default_factory=SoRAScheduleConfig)
+    evaluate_stages: bool = True  # held-out loss and sparsity at the end of the dense phase and of every stage
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        s = self.schedule
+        if s.max_threshold is not None and s.max_threshold < self.threshold:
+            raise ConfigError("adapter.sora.schedule.max_threshold", s.max_threshold,
+                              f">= adapter.sora.threshold ({self.threshold})")
+        if s.kind != "linear" and s.stages > 1 and self.threshold <= 0:
+            raise ConfigError("adapter.sora.threshold", self.threshold, "> 0 with a log_linear/exp_linear schedule")
+        return self
+
+
 class SparsityConfig(_Section):
     """Shears: unstructured Wanda pruning of the frozen base before adapter training."""
     method: Literal["wanda"] = "wanda"
@@ -111,7 +141,7 @@ class SparsityConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    method: Literal["lora", "dora", "rslora", "miss", "bat", "elastic"] = "lora"
+    method: Literal["lora", "dora", "rslora", "miss", "bat", "elastic", "sora"] = "lora"
     r: int = Field(8, gt=0)
     lora_alpha: float | None = None
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -121,6 +151,7 @@ class AdapterConfig(_Section):
     alpha_pattern: dict[str, float] | None = None
     mini_r: int | None = Field(None, gt=0)
     elastic: ElasticConfig | None = None
+    sora: SoRAConfig | None = None
     sparsity: SparsityConfig | None = None
 
     @model_validator(mode="after")
@@ -128,6 +159,11 @@ class AdapterConfig(_Section):
         if (self.method == "elastic") != (self.elastic is not None):
             raise ConfigError("adapter.elastic", "set" if self.elastic else None,
                               "an adapter.elastic section with method 'elastic', and none with other methods",
+                              f"adapter.method is {self.method!r}")
+        if self.method == "sora" and self.sora is None:
+            self.sora = SoRAConfig()
+        if self.sora is not None and self.method != "sora":
+            raise ConfigError("adapter.sora", "set", "an adapter.sora section only with method 'sora'",
                               f"adapter.method is {self.method!r}")
         if self.mini_r is not None and self.method != "miss":
             raise ConfigError("adapter.mini_r", self.mini_r, "only with adapter.method 'miss'")

@@ -30,6 +30,23 @@ class FlexTrainer(Trainer):
         if controller is not None:
             self.add_callback(_ControllerCallback(controller))
 
+    def create_optimizer(self, model=None):
+        if self.controller is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        groups = self.controller.optimizer_groups(self.model if model is None else model)
+        owned = [p for g in groups for p in g["params"]]
+        for p in owned:  # hidden from the default groups while the Trainer builds them
+            p.requires_grad_(False)
+        try:
+            optimizer = super().create_optimizer(model)
+        finally:
+            for p in owned:
+                p.requires_grad_(True)
+        for group in groups:
+            optimizer.add_param_group(group)
+        self.controller.attach(optimizer)
+        return optimizer
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.controller is None:
             return super().training_step(model, inputs, num_items_in_batch)

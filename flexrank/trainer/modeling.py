@@ -9,6 +9,7 @@ from .config import AdapterConfig, ModelConfig
 from .kernels import choose_attention
 from .rank_layer import register_rank_layer
 
+RANK_METHODS = ("elastic", "sora")  # methods on flexrank's rank layer, driven by a controller
 _TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS}
 
 
@@ -73,11 +74,17 @@ def adapter_config(cfg: AdapterConfig, task_type: str):
         layer_replication=cfg.layer_replication, rank_pattern=cfg.rank_pattern or {},
         alpha_pattern=cfg.alpha_pattern or {}, task_type=task,
     )
-    return register_rank_layer(config) if cfg.method == "elastic" else config
+    return register_rank_layer(config) if cfg.method in RANK_METHODS else config
 
 
 def apply_adapter(model, cfg: AdapterConfig, task_type: str):
-    return get_peft_model(model, adapter_config(cfg, task_type))
+    peft_model = get_peft_model(model, adapter_config(cfg, task_type))
+    if cfg.sora is not None and cfg.sora.gate_init == "normal":  # as the SoRA repository initialises its gates
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if ".lora_gate." in name:
+                    param.normal_()
+    return peft_model
 
 
 def count_parameters(model) -> dict[str, int]:

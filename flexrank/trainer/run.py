@@ -11,23 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments, set_seed
-
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from . import checkpoints
 from . import data as data_lib
 from .backends import apply_cpu_shims, backend_of, full_state_dict, zero3_init_as_configured
 from .config import RunConfig, dump_config, load_config
-from .controllers import ElasticController, RankController
+from .controllers import ElasticController, RankController, SoRAController
 from .errors import ConfigError
 from .evaluation import evaluate_classification, evaluate_generation, evaluate_loss
 from .export import export_plain_adapter
 from .flex_trainer import FlexTrainer, write_json
 from .kernels import choose_liger
-from .modeling import apply_adapter, count_parameters, load_base_model, load_tokenizer
+from .modeling import RANK_METHODS, apply_adapter, count_parameters, load_base_model, load_tokenizer
 from .rank_layer import rank_layers, register_rank_layer
+from .rank_report import write_rank_report
 from .search_space import space_from_nncf, space_from_spec
 from .tasks import get_task
 
@@ -83,10 +83,35 @@ def evaluate(cfg: RunConfig, model, tokenizer, run_data: RunData, eval_set, coll
     return result
 
 
+class SoRAStageEval(TrainerCallback):
+    """Held-out loss, threshold and sparsity when the dense phase and each threshold stage end (all processes
+    evaluate, as forward passes under ZeRO-3 / FSDP2 are collective)."""
+
+    def __init__(self, controller: SoRAController, evaluate_fn, records: list):
+        self.controller, self.evaluate_fn, self.records = controller, evaluate_fn, records
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        done = state.global_step  # optimizer steps completed; the last one had index done - 1
+        c = self.controller
+        if c.stage_of(done - 1) != c.stage_of(done) or done == state.max_steps:
+            record = {"step": done, "stage": c.stage_of(done - 1), "threshold": c.threshold(done - 1),
+                      **{k.removeprefix("sora/"): v for k, v in c.log_metrics().items() if k != "sora/threshold"},
+                      "eval_loss": self.evaluate_fn()["loss"]}
+            self.records.append(record)
+            if state.is_world_process_zero:
+                print(f"[flexrank] SoRA stage {record['stage']} ended at step {done}: threshold "
+                      f"{record['threshold']:.4g}, zero gates {record['zero_gates']:.3f}, "
+                      f"active rank {record['active_rank']:.0f}, held-out loss {record['eval_loss']:.4f}")
+
+
 def build_controller(cfg: RunConfig, peft_model, steps_per_epoch: int) -> RankController | None:
+    layers = rank_layers(peft_model)
+    if cfg.adapter.method == "sora":
+        c = cfg.adapter.sora
+        return SoRAController(layers, sparse_lambda=c.sparse_lambda, threshold=c.threshold, prox=c.prox,
+                              gate_lr=c.gate_lr, **c.schedule.model_dump())
     if cfg.adapter.method != "elastic":
         return None
-    layers = rank_layers(peft_model)
     e = cfg.adapter.elastic
     if e.nncf_config:
         space = space_from_nncf(e.nncf_config, list(layers), cfg.adapter.r)
@@ -186,6 +211,10 @@ def train(cfg: RunConfig) -> dict:
         print(f"[flexrank] before training: {_summary(metrics['before'])}")
     trainer = FlexTrainer(model=peft_model, args=args, train_dataset=train_set, data_collator=collator,
                           controller=controller)
+    if isinstance(controller, SoRAController) and cfg.adapter.sora.evaluate_stages:
+        stages = metrics["sora_stages"] = []
+        trainer.add_callback(SoRAStageEval(controller, lambda: evaluate_loss(
+            peft_model, eval_set, eval_collator, batch_size=cfg.eval.batch_size), stages))
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics["train"] = {**result.metrics, "backend": backend_of(trainer),
                         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
@@ -193,12 +222,11 @@ def train(cfg: RunConfig) -> dict:
     main = trainer.is_world_process_zero()
     full_state = full_state_dict(trainer)  # gathered from ZeRO-3 / FSDP2 shards; a collective
 
-    if controller is None:
-        if cfg.eval.after:
-            metrics["after"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
-        if main:
-            export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
-    else:
+    if main and controller is not None:  # the whole rank-controlled adapter (all ranks, gates), for later export
+        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=full_state).items()},
+                  _ensure(out / "supernet") / "adapter_model.safetensors")
+        peft_model.peft_config["default"].save_pretrained(out / "supernet")
+    if isinstance(controller, ElasticController):
         metrics["subnets"] = {}
         for which in cfg.adapter.elastic.evaluate_subnets if cfg.eval.after else []:
             controller.activate(which)
@@ -207,14 +235,16 @@ def train(cfg: RunConfig) -> dict:
             if main:
                 print(f"[flexrank] after training, {which} subnet: {_summary(metrics['subnets'][which])}")
         export_subnet = cfg.adapter.elastic.export_subnet
-        if main:  # the whole supernet (all ranks, gates), for later export of any subnet
-            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(
-                peft_model, state_dict=full_state).items()}, _ensure(out / "supernet") / "adapter_model.safetensors")
-            peft_model.peft_config["default"].save_pretrained(out / "supernet")
         controller.activate(export_subnet)
-        if main:
-            metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
         metrics["after"] = metrics["subnets"].get(export_subnet, {}) if isinstance(export_subnet, str) else {}
+    elif cfg.eval.after:
+        metrics["after"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
+    if main:
+        metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
+        if isinstance(controller, SoRAController):
+            ranks = metrics["export"]["rank_pattern"]
+            every = {n.removeprefix("base_model.model."): 0 for n in controller.layers}  # pruned modules: rank 0
+            write_rank_report({**every, **ranks}, cfg.adapter.r, out)
     trainer.accelerator.wait_for_everyone()
     if not main:
         return metrics
@@ -249,7 +279,7 @@ def load_run(run_dir: str | Path):
         cfg.model.name_or_path = str(run_dir / SPARSE_BASE)
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model, tokenizer)
-    if cfg.adapter.method != "elastic":
+    if cfg.adapter.method not in RANK_METHODS:
         return cfg, tokenizer, PeftModel.from_pretrained(model, run_dir / "adapter"), None
     from peft import LoraConfig
 

@@ -2,5 +2,6 @@
 
 from .base import RankController
 from .elastic import ElasticController
+from .sora import SoRAController
 
-__all__ = ["RankController", "ElasticController"]
+__all__ = ["RankController", "ElasticController", "SoRAController"]

@@ -22,6 +22,14 @@ class RankController:
         """Set the masks for this pass of optimizer step `step`. Must depend on (step, pass_index) only, so
         every process, micro-batch and gradient-checkpoint recomputation sees the same subnet."""
 
+    def optimizer_groups(self, model) -> list[dict]:
+        """Param groups of its own (looked up by name in `model`, which may be FSDP2-wrapped); their params
+        are left out of the Trainer's default groups."""
+        return []
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once with the optimizer the Trainer built (before DeepSpeed wraps it): hooks go here."""
+
     def extra_loss(self) -> torch.Tensor | None:
         """A term added to the training loss (regulariser), or None."""
         return None
