@@ -23,6 +23,8 @@ def recipe(tmp: Path, model_dir: Path, method: str = "lora", **training) -> Path
         # Thresholds large enough that some (normally initialised) gates reach exact zeros within 6 steps.
         "sora": {"method": "sora", "r": 4, "sora": {"sparse_lambda": 0.1, "threshold": 0.05, "gate_init": "normal",
                                                     "schedule": {"dense_steps": 2}}},
+        "adalora": {"method": "adalora", "r": 4, "lora_alpha": 8,
+                    "adalora": {"target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1}},
     }[method]
     raw = {"model": {"name_or_path": str(model_dir)},
            "data": {"task": "analogy", "train_size": 64, "eval_size": 8},

@@ -1,6 +1,7 @@
 """Equivalence across backends, on CPU with 2 processes (gloo): single process (gradient accumulation 2) vs
 DDP vs DeepSpeed ZeRO-2 vs ZeRO-3 (parameters really partitioned) vs FSDP2 give the same per-step losses, the
-same sampled subnets (elastic), the same gate zero pattern (SoRA) and the same exported adapter."""
+same sampled subnets (elastic), the same gate zero pattern (SoRA), the same final rank pattern (AdaLoRA) and the
+same exported adapter."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from dist_helpers import assert_same_adapter, metrics, recipe, run, train_args
 
 BACKENDS = ["single", "ddp", "zero2", "zero3", "fsdp2"]
-METHODS = ["lora", "elastic", "sora"]
+METHODS = ["lora", "elastic", "sora", "adalora"]
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,12 @@ def test_backend_matches_single_process(runs, method, backend):
         samples = (out / "elastic_samples.jsonl").read_text()
         assert samples == (ref / "elastic_samples.jsonl").read_text()
         assert len({json.dumps(json.loads(l)["subnet"]) for l in samples.splitlines()}) > 1
-    if method == "sora":  # the same gates reached exact zero everywhere, and some did
+    if method in ("sora", "adalora"):  # the same ranks were pruned everywhere, and some were
         pattern = metrics(out)["export"]["rank_pattern"]
         assert pattern == metrics(ref)["export"]["rank_pattern"]
         assert sum(pattern.values()) < 4 * 14
+    if method == "adalora":  # the budget reached its target exactly: target_r x modules
+        assert metrics(out)["export"]["total_rank"] == 2 * 14
 
 
 def test_qlora_trains_alike_under_ddp_fsdp2_and_zero3(tmp_path, tiny_llama_dir):

@@ -36,9 +36,10 @@ def kill_after_first_checkpoint(args, out, seed):
     return proc.returncode
 
 
-@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_llama_dir, backend):
-    path = recipe(tmp_path, tiny_llama_dir, "elastic", **LONG)
+@pytest.mark.parametrize("backend, method", [("zero3", "elastic"), ("fsdp2", "elastic"), ("zero3", "adalora")])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_llama_dir, backend, method):
+    """AdaLoRA: killed in the middle of budgeting (steps 2..9 of 12); its importance EMAs and masks resume too."""
+    path = recipe(tmp_path, tiny_llama_dir, method, **LONG)
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(train_args(path, full, backend))
     assert kill_after_first_checkpoint(train_args(path, killed, backend), killed, seed=len(backend)) == -9
@@ -49,9 +50,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_llama_dir
     assert resumed_from and int(resumed_from.rsplit("-", 1)[1]) < 12
     assert metrics(killed)["train"]["losses"] == pytest.approx(metrics(full)["train"]["losses"], abs=1e-5)
     assert_same_adapter(full, killed)
+    assert metrics(killed)["export"]["rank_pattern"] == metrics(full)["export"]["rank_pattern"]
 
 
-@pytest.mark.parametrize("method", ["lora", "sora"])
+@pytest.mark.parametrize("method", ["lora", "sora", "adalora"])
 def test_broken_newest_checkpoint_is_set_aside(tmp_path, tiny_llama_dir, method):
     path = recipe(tmp_path, tiny_llama_dir, method, **CKPT)
     out, full = tmp_path / "run", tmp_path / "full"
@@ -72,6 +74,7 @@ def test_broken_newest_checkpoint_is_set_aside(tmp_path, tiny_llama_dir, method)
     assert metrics(out)["train"]["losses"] == pytest.approx(reference, abs=1e-6)
     assert metrics(out)["train"]["resumed_from"].endswith("checkpoint-4")
     assert_same_adapter(full, out, atol=1e-6)
+    assert metrics(out)["export"]["rank_pattern"] == metrics(full)["export"]["rank_pattern"]
 
 
 def test_explicit_broken_checkpoint_is_a_clear_error(tmp_path, tiny_llama_dir):

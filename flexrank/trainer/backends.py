@@ -139,3 +139,38 @@ def gathered(params: list[torch.Tensor]):
             yield [p.data for p in params]
     else:
         yield [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
+
+
+def full_values_and_grads(params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(full value, full gradient) of each parameter, as the optimizer is about to see them: accumulated and
+    averaged over processes, gathered from ZeRO partitions or FSDP2 shards. A collective on every backend but
+    DDP: every process must call it with the same parameters in the same order."""
+    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params):  # ZeRO-3 / ZeRO-1,2 parameters
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+        return [(safe_get_full_fp32_param(p), safe_get_full_grad(p)) for p in params]
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    return [(full(p.detach()), None if p.grad is None else full(p.grad)) for p in params]
+
+
+def call_when_gradients_are_final(trainer, optimizer, fn) -> None:
+    """Run fn() once per optimizer step, when that step's gradients are final and readable, before the optimizer
+    uses them. DeepSpeed fuses backward and step inside accelerate's engine wrapper and zeroes the gradients in
+    its step, so there fn runs at the start of the engine's step; elsewhere it is an optimizer pre-step hook."""
+    if not trainer.is_deepspeed_enabled:
+        optimizer.register_step_pre_hook(lambda *args: fn())
+        return
+    from transformers import TrainerCallback
+
+    class _WrapEngineStep(TrainerCallback):  # the engine exists only once training has begun
+        def on_train_begin(self, args, state, control, **kwargs):
+            engine = trainer.model_wrapped
+            step = engine.step
+
+            def step_after_fn(*a, **kw):
+                fn()
+                return step(*a, **kw)
+
+            engine.step = step_after_fn
+
+    trainer.add_callback(_WrapEngineStep())

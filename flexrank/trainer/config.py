@@ -133,6 +133,17 @@ class SoRAConfig(_Section):
         return self
 
 
+class AdaLoRAConfig(_Section):
+    """AdaLoRA budget scheduling; adapter.r is the initial rank (peft's init_r). total_step is the run's."""
+    target_r: int = Field(4, gt=0)
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    deltaT: int = Field(1, gt=0)
+    beta1: float = Field(0.85, ge=0.0, lt=1.0)
+    beta2: float = Field(0.85, ge=0.0, lt=1.0)
+    orth_reg_weight: float = Field(0.5, ge=0.0)
+
+
 class SparsityConfig(_Section):
     """Shears: unstructured Wanda pruning of the frozen base before adapter training."""
     method: Literal["wanda"] = "wanda"
@@ -141,7 +152,7 @@ class SparsityConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    method: Literal["lora", "dora", "rslora", "miss", "bat", "elastic", "sora"] = "lora"
+    method: Literal["lora", "dora", "rslora", "miss", "bat", "elastic", "sora", "adalora"] = "lora"
     r: int = Field(8, gt=0)
     lora_alpha: float | None = None
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -152,6 +163,7 @@ class AdapterConfig(_Section):
     mini_r: int | None = Field(None, gt=0)
     elastic: ElasticConfig | None = None
     sora: SoRAConfig | None = None
+    adalora: AdaLoRAConfig | None = None
     sparsity: SparsityConfig | None = None
 
     @model_validator(mode="after")
@@ -165,6 +177,14 @@ class AdapterConfig(_Section):
         if self.sora is not None and self.method != "sora":
             raise ConfigError("adapter.sora", "set", "an adapter.sora section only with method 'sora'",
                               f"adapter.method is {self.method!r}")
+        if self.method == "adalora" and self.adalora is None:
+            self.adalora = AdaLoRAConfig()
+        if self.adalora is not None and self.method != "adalora":
+            raise ConfigError("adapter.adalora", "set", "an adapter.adalora section only with method 'adalora'",
+                              f"adapter.method is {self.method!r}")
+        if self.adalora is not None and self.adalora.target_r > self.r:
+            raise ConfigError("adapter.adalora.target_r", self.adalora.target_r, f"<= adapter.r ({self.r}), the "
+                              "initial rank")
         if self.mini_r is not None and self.method != "miss":
             raise ConfigError("adapter.mini_r", self.mini_r, "only with adapter.method 'miss'")
         return self

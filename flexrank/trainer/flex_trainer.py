@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from . import checkpoints
-from .backends import backend_of
+from .backends import backend_of, call_when_gradients_are_final
 from .controllers import RankController
 
 STATE_FILE = "flexrank_controller.pt"
@@ -45,6 +45,7 @@ class FlexTrainer(Trainer):
         for group in groups:
             optimizer.add_param_group(group)
         self.controller.attach(optimizer)
+        call_when_gradients_are_final(self, optimizer, self.controller.on_final_gradients)
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -9,7 +9,7 @@ from .config import AdapterConfig, ModelConfig
 from .kernels import choose_attention
 from .rank_layer import register_rank_layer
 
-RANK_METHODS = ("elastic", "sora")  # methods on flexrank's rank layer, driven by a controller
+RANK_METHODS = ("elastic", "sora", "adalora")  # methods on flexrank's rank layer, driven by a controller
 _TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS}
 
 
@@ -79,11 +79,15 @@ def adapter_config(cfg: AdapterConfig, task_type: str):
 
 def apply_adapter(model, cfg: AdapterConfig, task_type: str):
     peft_model = get_peft_model(model, adapter_config(cfg, task_type))
-    if cfg.sora is not None and cfg.sora.gate_init == "normal":  # as the SoRA repository initialises its gates
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if cfg.sora is not None and cfg.sora.gate_init == "normal" and ".lora_gate." in name:
+                param.normal_()  # as the SoRA repository initialises its gates
+            if cfg.adalora is not None:  # AdaLoRA: Λ (the gate) = 0, A and B random (peft's init)
                 if ".lora_gate." in name:
-                    param.normal_()
+                    param.zero_()
+                elif ".lora_A." in name or ".lora_B." in name:
+                    param.normal_(mean=0.0, std=0.02)
     return peft_model
 
 

@@ -14,6 +14,34 @@ from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
 
+class _OrthogonalityGradient(torch.autograd.Function):
+    """Identity on the layer's output; its backward adds w · ∂(‖AAᵀ − I‖_F + ‖BᵀB − I‖_F)/∂(A, B) to the
+    gradients of A and B (AdaLoRA's orthogonal regulariser). Applying it inside the layer's own backward, where
+    ZeRO-3 and FSDP2 have A and B gathered, avoids a loss term over parameters that are sharded outside forward."""
+
+    @staticmethod
+    def forward(ctx, result, a, b, weight):
+        ctx.save_for_backward(a, b)
+        ctx.weight = weight
+        return result.view_as(result)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        eye = torch.eye(a.shape[0], device=a.device, dtype=torch.float32)
+        m_a = a.float() @ a.float().T - eye
+        m_b = b.float().T @ b.float() - eye
+        # d‖M‖_F = ⟨M, dM⟩ / ‖M‖_F with M symmetric: ∂/∂A = 2 M A / ‖M‖_F, ∂/∂B = 2 B M / ‖M‖_F
+        grad_a = 2 * ctx.weight * (m_a @ a.float()) / m_a.norm().clamp_min(1e-12)
+        grad_b = 2 * ctx.weight * (b.float() @ m_b) / m_b.norm().clamp_min(1e-12)
+        return grad, grad_a.to(a.dtype), grad_b.to(b.dtype), None
+
+
+def orthogonality(a: torch.Tensor, b: torch.Tensor) -> float:
+    eye = torch.eye(a.shape[0], device=a.device)
+    return float((a.float() @ a.float().T - eye).norm() + (b.float().T @ b.float() - eye).norm())
+
+
 class RankVariant(LoraVariant):
     """peft calls these with the layer; all maths lives on `RankLoraLinear` so it is written once."""
 
@@ -33,7 +61,13 @@ class RankVariant(LoraVariant):
         a = active_adapter
         h = module.lora_A[a](module.lora_dropout[a](x))
         h = h * module.rank_weights(a).to(h.dtype)
-        return result + module.lora_B[a](h) * module.scaling[a]
+        result = result + module.lora_B[a](h) * module.scaling[a]
+        weight = getattr(module, "orthogonality_weight", 0.0)  # set by the AdaLoRA controller
+        if weight and torch.is_grad_enabled():
+            a_w, b_w = module.lora_A[a].weight, module.lora_B[a].weight
+            module.orthogonality_value = orthogonality(a_w.detach(), b_w.detach())
+            result = _OrthogonalityGradient.apply(result, a_w, b_w, weight)
+        return result
 
     @staticmethod
     def merge_safe(module, active_adapter, orig_weight):

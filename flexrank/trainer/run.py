@@ -19,7 +19,7 @@ from . import checkpoints
 from . import data as data_lib
 from .backends import apply_cpu_shims, backend_of, full_state_dict, zero3_init_as_configured
 from .config import RunConfig, dump_config, load_config
-from .controllers import ElasticController, RankController, SoRAController
+from .controllers import AdaLoRAController, ElasticController, RankController, SoRAController
 from .errors import ConfigError
 from .evaluation import evaluate_classification, evaluate_generation, evaluate_loss
 from .export import export_plain_adapter
@@ -106,6 +106,15 @@ class SoRAStageEval(TrainerCallback):
 
 def build_controller(cfg: RunConfig, peft_model, steps_per_epoch: int) -> RankController | None:
     layers = rank_layers(peft_model)
+    if cfg.adapter.method == "adalora":
+        c, t = cfg.adapter.adalora, cfg.training
+        total = t["max_steps"] if t.get("max_steps", -1) > 0 else math.ceil(
+            t.get("num_train_epochs", 3) * steps_per_epoch)
+        if c.tinit >= total - c.tfinal:
+            raise ConfigError("adapter.adalora.tinit", c.tinit, f"< total steps - tfinal = {total - c.tfinal}")
+        return AdaLoRAController(layers, target_r=c.target_r, total_step=total, tinit=c.tinit, tfinal=c.tfinal,
+                                 delta_t=c.deltaT, beta1=c.beta1, beta2=c.beta2, orth_reg_weight=c.orth_reg_weight,
+                                 gradient_accumulation_steps=t.get("gradient_accumulation_steps", 1))
     if cfg.adapter.method == "sora":
         c = cfg.adapter.sora
         return SoRAController(layers, sparse_lambda=c.sparse_lambda, threshold=c.threshold, prox=c.prox,
@@ -241,7 +250,7 @@ def train(cfg: RunConfig) -> dict:
         metrics["after"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
     if main:
         metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
-        if isinstance(controller, SoRAController):
+        if isinstance(controller, (SoRAController, AdaLoRAController)):
             ranks = metrics["export"]["rank_pattern"]
             every = {n.removeprefix("base_model.model."): 0 for n in controller.layers}  # pruned modules: rank 0
             write_rank_report({**every, **ranks}, cfg.adapter.r, out)

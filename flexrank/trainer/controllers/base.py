@@ -30,6 +30,10 @@ class RankController:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once with the optimizer the Trainer built (before DeepSpeed wraps it): hooks go here."""
 
+    def on_final_gradients(self) -> None:
+        """Runs once per optimizer step when its gradients are final (accumulated, averaged over processes),
+        before the optimizer uses them; on every process (gathering sharded values is a collective)."""
+
     def extra_loss(self) -> torch.Tensor | None:
         """A term added to the training loss (regulariser), or None."""
         return None
