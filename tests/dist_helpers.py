@@ -73,7 +73,9 @@ def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-def assert_same_adapter(a: Path, b: Path, atol: float = 1e-5) -> None:
+def assert_same_adapter(a: Path, b: Path, atol: float = 5e-5) -> None:
+    """Same keys and shapes, values within atol: Adam turns reduction-order noise (1e-7) in near-zero gradients
+    into update differences of up to ~2e-5 after a few steps at lr 1e-2 (seen under ZeRO-3)."""
     ta, tb = adapter_tensors(a), adapter_tensors(b)
     assert ta.keys() == tb.keys()
     for key in ta:

@@ -24,6 +24,21 @@ def adalora_model(model, **kwargs):
     return peft_model, AdaLoRAController(rank_layers(peft_model), **kwargs)
 
 
+def train(model, ctrl, batch, steps, lr):
+    """The Trainer's order: backward, final gradients -> controller, optimizer step, zero_grad."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    budgets = []
+    for step in range(steps):
+        ctrl.before_pass(step, 0)
+        model(**batch).loss.backward()
+        ctrl.on_final_gradients()
+        opt.step()
+        opt.zero_grad()
+        budgets.append(ctrl.budget)
+    return budgets
+
+
 def test_cubic_budget_matches_peft_rank_allocator():
     kw = dict(init_budget=112, target_budget=28, tinit=5, tfinal=10, total_step=40, delta_t=2)
     assert budget_at(5, **kw) == (112, False)
@@ -47,16 +62,7 @@ def test_orthogonality_gradient_is_the_regulariser_gradient():
 
 def test_budget_reaches_target_with_masks_only(tiny_llama, batch):
     model, ctrl = adalora_model(tiny_llama, target_r=2, total_step=10, tinit=1, tfinal=3, delta_t=1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    budgets = []
-    for step in range(10):
-        ctrl.before_pass(step, 0)
-        model(**batch).loss.backward()
-        ctrl.on_final_gradients()
-        opt.step()
-        opt.zero_grad()
-        budgets.append(ctrl.budget)
+    budgets = train(model, ctrl, batch, steps=10, lr=1e-2)
     assert budgets[0] == 56 and budgets[-1] == 28 and budgets == sorted(budgets, reverse=True)
     assert ctrl.active_rank() == 28 and ctrl.final
     masks = {n: l.lora_rank_mask["default"].clone() for n, l in ctrl.layers.items()}
@@ -72,13 +78,7 @@ def test_budget_reaches_target_with_masks_only(tiny_llama, batch):
 def test_export_keeps_the_allocated_ranks(tiny_llama, batch, tmp_path):
     base = copy.deepcopy(tiny_llama)
     model, ctrl = adalora_model(tiny_llama, target_r=2, total_step=4, tinit=0, tfinal=1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for step in range(4):
-        ctrl.before_pass(step, 0)
-        model(**batch).loss.backward()
-        ctrl.on_final_gradients()
-        opt.step()
-        opt.zero_grad()
+    train(model, ctrl, batch, steps=4, lr=5e-2)
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"]).logits

@@ -139,3 +139,15 @@ def test_sora_run_reports_stages_ranks_and_exports_fewer_ranks(tiny_llama_dir, t
     rows = (tmp_path / "ranks.csv").read_text().splitlines()
     assert rows[0] == "layer,module,name,rank" and len(rows) == 1 + 14  # every module, pruned ones at 0
     assert (tmp_path / "ranks.png").stat().st_size > 1000
+
+
+def test_adalora_run_exports_the_allocated_ranks_again_from_the_run(tiny_llama_dir, tmp_path):
+    adapter = {"method": "adalora", "r": 4, "adalora": {"target_r": 2, "tinit": 0, "tfinal": 1}}
+    metrics = train(quick_config(tiny_llama_dir, tmp_path / "run", adapter))
+    assert metrics["export"]["total_rank"] == 2 * 14  # target_r x modules
+    proc = subprocess.run([sys.executable, "-m", "flexrank", "export", str(tmp_path / "run"), "--out",
+                           str(tmp_path / "again")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "again" / "flexrank_export.json").read_text())
+    assert again["rank_pattern"] == metrics["export"]["rank_pattern"]  # masks restored from the run
+    assert (tmp_path / "run" / "ranks.png").exists()

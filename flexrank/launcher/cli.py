@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's (sub)network as a plain peft LoRA adapter")
     p.add_argument("run_dir")
     p.add_argument("--subnet", default="heuristic",
-                   help="maximal | heuristic | minimal | a JSON {group: width} (elastic runs)")
+                   help="maximal | heuristic | minimal | a JSON {group: width} (elastic runs; AdaLoRA and SoRA "
+                        "runs export the ranks they learned)")
     p.add_argument("--out", required=True, help="output folder of the plain adapter")
     p.add_argument("--merge-sparse", metavar="DIR",
                    help="also write the base with the adapter merged, keeping the base's zeros (Shears/SparsePEFT)")
@@ -106,11 +107,12 @@ def _prepare(args) -> None:
 
 
 def _export(args) -> None:
+    from ..trainer.controllers import ElasticController
     from ..trainer.export import export_plain_adapter
     from ..trainer.run import load_run
 
     _, _, peft_model, controller = load_run(args.run_dir)
-    if controller is not None:
+    if isinstance(controller, ElasticController):  # any subnet; AdaLoRA/SoRA export the ranks they learned
         print(f"[flexrank] subnet: {controller.activate(_subnet_arg(args.subnet))}")
     print(json.dumps({k: v for k, v in export_plain_adapter(peft_model, args.out).items() if k != "rank_pattern"}))
     if args.merge_sparse:
@@ -123,14 +125,16 @@ def _export(args) -> None:
 
 def _eval(args) -> None:
     from ..trainer import data as data_lib
+    from ..trainer.controllers import ElasticController
     from ..trainer.run import evaluate, load_data, load_run, tokenize
 
     cfg, tokenizer, peft_model, controller = load_run(args.run_dir)
     run_data = load_data(cfg)
     eval_set = tokenize(cfg, tokenizer, run_data.eval, run_data.kind)
     collator = data_lib.make_collator(tokenizer, False)
-    for subnet in (args.subnet or ["heuristic"]) if controller else [None]:
-        if controller is not None:
+    elastic = isinstance(controller, ElasticController)
+    for subnet in (args.subnet or ["heuristic"]) if elastic else [None]:
+        if elastic:
             controller.activate(_subnet_arg(subnet))
         print(json.dumps({"subnet": subnet, **evaluate(cfg, peft_model, tokenizer, run_data, eval_set, collator)},
                          default=str))

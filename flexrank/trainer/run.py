@@ -23,7 +23,7 @@ from .controllers import AdaLoRAController, ElasticController, RankController, S
 from .errors import ConfigError
 from .evaluation import evaluate_classification, evaluate_generation, evaluate_loss
 from .export import export_plain_adapter
-from .flex_trainer import FlexTrainer, write_json
+from .flex_trainer import STATE_FILE, FlexTrainer, write_json
 from .kernels import choose_liger
 from .modeling import RANK_METHODS, apply_adapter, count_parameters, load_base_model, load_tokenizer
 from .rank_layer import rank_layers, register_rank_layer
@@ -157,10 +157,14 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _is_main_process() -> bool:  # usable before the process group exists
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def resume_point(cfg: RunConfig, out: Path) -> Path | None:
     """The checkpoint to resume from, adapting gradient accumulation when the world size changed so that every
     optimizer step still sees the same samples (global batch = per-device batch x accumulation x processes)."""
-    main = int(os.environ.get("RANK", 0)) == 0
+    main = _is_main_process()
     ckpt = checkpoints.resolve_resume(cfg.training.pop("resume_from_checkpoint", None), out,
                                       warn=print if main else (lambda *_: None), set_aside=main)
     if ckpt is None:
@@ -208,9 +212,9 @@ def train(cfg: RunConfig) -> dict:
         metrics["sparsity"] = wanda_prune(model, [calib], cfg.adapter.sparsity.ratio)
         metrics["sparsity"].pop("per_module", None)
         print(f"[flexrank] Wanda: base sparsity {metrics['sparsity']['ratio_achieved']:.4f}")
-        # The adapter belongs to this pruned base: keep it, for export, evaluation and serving.
-        model.save_pretrained(out / SPARSE_BASE)
-        tokenizer.save_pretrained(out / SPARSE_BASE)
+        if _is_main_process():  # the adapter belongs to this pruned base: keep it, for export and serving
+            model.save_pretrained(out / SPARSE_BASE)
+            tokenizer.save_pretrained(out / SPARSE_BASE)
     peft_model = apply_adapter(model, cfg.adapter, cfg.model.task_type)
     metrics["parameters"] = count_parameters(peft_model)
     controller = build_controller(cfg, peft_model, _steps_per_epoch(cfg, len(train_set)))
@@ -235,6 +239,7 @@ def train(cfg: RunConfig) -> dict:
         save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=full_state).items()},
                   _ensure(out / "supernet") / "adapter_model.safetensors")
         peft_model.peft_config["default"].save_pretrained(out / "supernet")
+        torch.save(controller.state_dict(), out / "supernet" / STATE_FILE)  # masks, importance, sampler
     if isinstance(controller, ElasticController):
         metrics["subnets"] = {}
         for which in cfg.adapter.elastic.evaluate_subnets if cfg.eval.after else []:
@@ -295,4 +300,6 @@ def load_run(run_dir: str | Path):
     peft_cfg = register_rank_layer(LoraConfig.from_pretrained(run_dir / "supernet"))
     peft_model = PeftModel.from_pretrained(model, run_dir / "supernet", config=peft_cfg)
     n_train = len(load_data(cfg).train)
-    return cfg, tokenizer, peft_model, build_controller(cfg, peft_model, _steps_per_epoch(cfg, n_train))
+    controller = build_controller(cfg, peft_model, _steps_per_epoch(cfg, n_train))
+    controller.load_state_dict(torch.load(run_dir / "supernet" / STATE_FILE, weights_only=False))
+    return cfg, tokenizer, peft_model, controller
