@@ -60,7 +60,7 @@ _LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "
 
 
 def _train(args) -> int:
-    from ..trainer.backends import format_command, in_launched_process, launch_command
+    from .launch import format_command, in_launched_process, launch_command
     from ..trainer.config import load_config
     from ..trainer.run import train
 

@@ -210,7 +210,7 @@ class DistributedConfig(_Section):
 
     @model_validator(mode="after")
     def _backend(self):
-        from .backends import BACKENDS
+        from ..launcher.launch import BACKENDS
 
         if self.backend not in BACKENDS and not (self.backend.endswith((".yaml", ".yml")) and Path(self.backend).exists()):
             raise ConfigError("distributed.backend", self.backend, f"one of {BACKENDS} or an accelerate YAML file")
