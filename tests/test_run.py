@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from flexrank.trainer.config import load_config
+from flexrank.trainer.errors import ConfigError
 from flexrank.trainer.run import load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +152,10 @@ def test_adalora_run_exports_the_allocated_ranks_again_from_the_run(tiny_llama_d
     again = json.loads((tmp_path / "again" / "flexrank_export.json").read_text())
     assert again["rank_pattern"] == metrics["export"]["rank_pattern"]  # masks restored from the run
     assert (tmp_path / "run" / "ranks.png").exists()
+
+
+def test_adalora_schedule_longer_than_the_run_is_a_clear_error(tiny_llama_dir, tmp_path):
+    adapter = {"method": "adalora", "r": 4, "adalora": {"target_r": 2, "tinit": 2, "tfinal": 1}}
+    with pytest.raises(ConfigError) as exc:
+        train(quick_config(tiny_llama_dir, tmp_path, adapter))  # 3 steps: budgeting would need tinit < 3 - 1
+    assert "adapter.adalora.tinit" in str(exc.value) and "got 2" in str(exc.value) and "< total steps - tfinal = 2" in str(exc.value)

@@ -11,6 +11,11 @@ import torch
 from ..launcher.launch import in_launched_process
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 DTensor shard (a collective); any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def apply_cpu_shims() -> bool:
     """On a machine without CUDA, make launched multi-process runs really distributed on CPU (gloo), with the
     backend the launch asked for. Stock accelerate, on CPU, either sees no distributed setup at all
@@ -62,7 +67,7 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor]:
     A collective: every process must call it."""
     model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
     state = trainer.accelerator.get_state_dict(model)
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in (state or {}).items()}
+    return {k: _full(v) for k, v in (state or {}).items()}
 
 
 @contextmanager
@@ -92,7 +97,7 @@ def gathered(params: list[torch.Tensor]):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield [p.data for p in params]
     else:
-        yield [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
+        yield [_full(p) for p in params]
 
 
 def full_values_and_grads(params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -103,8 +108,7 @@ def full_values_and_grads(params: list[torch.Tensor]) -> list[tuple[torch.Tensor
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
         return [(safe_get_full_fp32_param(p), safe_get_full_grad(p)) for p in params]
-    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
-    return [(full(p.detach()), None if p.grad is None else full(p.grad)) for p in params]
+    return [(_full(p.detach()), None if p.grad is None else _full(p.grad)) for p in params]
 
 
 def call_when_gradients_are_final(trainer, optimizer, fn) -> None:

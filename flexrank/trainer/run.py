@@ -132,8 +132,8 @@ def build_controller(cfg: RunConfig, peft_model, steps_per_epoch: int) -> RankCo
 
 def _steps_per_epoch(cfg: RunConfig, n_train: int) -> int:
     t = cfg.training
-    world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
-    batches = math.ceil(n_train / (t["per_device_train_batch_size"] * world))
+    # The process group does not exist yet when controllers are built; the launcher's WORLD_SIZE does.
+    batches = math.ceil(n_train / (t["per_device_train_batch_size"] * _world_size()))
     return max(1, batches // t.get("gradient_accumulation_steps", 1))
 
 

@@ -29,8 +29,6 @@ def budget_at(step: int, init_budget: int, target_budget: int, tinit: int, tfina
 
 
 class AdaLoRAController(RankController):
-    PARTS = ("A", "B", "E")
-
     def __init__(self, layers: dict[str, RankLoraLinear], target_r: int, total_step: int, tinit: int = 0,
                  tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85,
                  orth_reg_weight: float = 0.5, gradient_accumulation_steps: int = 1, adapter: str = "default"):
