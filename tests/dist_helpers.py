@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,13 @@ import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-_PORT = [29600]
+
+
+def free_port() -> int:
+    """A port nobody listens on now, so that concurrent test runs on one machine never share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def recipe(tmp: Path, model_dir: Path, method: str = "lora", **training) -> Path:
@@ -51,8 +58,7 @@ def train_args(recipe_path: Path, out: Path, backend: str, *extra: str, match_tw
         if match_two_processes:
             args += ["--set", "training.gradient_accumulation_steps=2"]  # same global batch as 2 processes x 1
     else:
-        _PORT[0] += 1
-        args += ["--nproc", "2", "--backend", backend, "--main-process-port", str(_PORT[0])]
+        args += ["--nproc", "2", "--backend", backend, "--main-process-port", str(free_port())]
         if backend == "zero3":
             args += ["--set", f"distributed.deepspeed_config={zero3_test_config(out.parent)}"]
     return args + list(extra)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import free_port
 from elastic_helpers import elastic_supernet
 
 SCRIPT = Path(__file__).parent / "scripts" / "elastic_train.py"
@@ -58,7 +59,7 @@ def _launch(out: Path, nproc: int) -> list[dict]:
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29517", str(SCRIPT), str(out)]
+               "--main_process_port", str(free_port()), str(SCRIPT), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
