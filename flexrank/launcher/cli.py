@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 from ..trainer.errors import ConfigError
+from ..shipped import find_recipe
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="YAML recipe (default: the embedded SmolLM2 word-analogy run)")
+    p.add_argument("recipe", nargs="?", help="YAML recipe file, or the name of a shipped recipe (e.g. analogy_elastic; "
+                                             "default: the embedded SmolLM2 word-analogy run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set training.learning_rate=1e-4 (repeatable)")
 
@@ -146,6 +148,8 @@ COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _ex
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "recipe", None):
+            args.recipe = find_recipe(args.recipe)
         return COMMANDS[args.command](args) or 0
     except ConfigError as exc:
         print(f"flexrank: error: {exc}", file=sys.stderr)

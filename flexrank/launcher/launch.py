@@ -1,6 +1,7 @@
 """Building the `accelerate launch` command with which `flexrank train` re-runs itself on several processes.
 
-Backends: single, ddp, fsdp2, zero2, zero3, zero3_offload (accelerate_configs/ and ds_configs/ hold the files).
+Backends: single, ddp, fsdp2, zero2, zero3, zero3_offload (their accelerate_configs/ and ds_configs/ files ship
+inside the package, see shipped.py).
 """
 
 import os
@@ -10,14 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..trainer.errors import ConfigError
+from ..shipped import ACCELERATE_CONFIGS, DS_CONFIGS, shipped_file
 
 BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
 _ACCELERATE_FILES = {"single": "single.yaml", "ddp": "ddp.yaml", "fsdp2": "fsdp2.yaml",
                      "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
                      "zero3_offload": "deepspeed_zero3_offload.yaml"}
 _DS_FILES = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
-REPO = Path(__file__).resolve().parents[2]
 
 
 def in_launched_process() -> bool:
@@ -25,27 +25,19 @@ def in_launched_process() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def _config_file(folder: str, name: str) -> Path:
-    path = REPO / folder / name
-    if not path.exists():
-        raise ConfigError("distributed.backend", name, f"a file in {REPO / folder}", "is flexrank installed from "
-                          "its repository (pip install -e .)?")
-    return path
-
-
 def launch_command(dist, argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """The `accelerate launch` command (and extra environment) that re-runs `flexrank <argv>` on dist.nproc
     processes per node; flexrank prints it before running it."""
     backend = dist.backend
-    yaml_file = Path(backend) if backend.endswith((".yaml", ".yml")) else _config_file(
-        "accelerate_configs", _ACCELERATE_FILES[backend])
+    yaml_file = Path(backend) if backend.endswith((".yaml", ".yml")) else shipped_file(
+        ACCELERATE_CONFIGS, _ACCELERATE_FILES[backend])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(yaml_file),
            "--num_processes", str(dist.nproc * dist.nnodes), "--num_machines", str(dist.nnodes),
            "--machine_rank", str(dist.node_rank), "--main_process_port", str(dist.main_process_port)]
     if dist.nnodes > 1:
         cmd += ["--main_process_ip", dist.main_process_ip]
     if backend in _DS_FILES or dist.deepspeed_config:
-        ds = Path(dist.deepspeed_config) if dist.deepspeed_config else _config_file("ds_configs", _DS_FILES[backend])
+        ds = Path(dist.deepspeed_config) if dist.deepspeed_config else shipped_file(DS_CONFIGS, _DS_FILES[backend])
         cmd += ["--deepspeed_config_file", str(ds.resolve()), "--zero3_init_flag", "false"]
     env = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
     return cmd + ["-m", "flexrank"] + argv, env

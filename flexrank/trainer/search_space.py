@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..shipped import find_shipped_json
 from .errors import ConfigError
 
 def _is_int(value) -> bool:
@@ -445,7 +446,7 @@ def _load_nncf(cfg) -> dict:
     if isinstance(cfg, dict):
         return cfg
     try:
-        return json.loads(Path(cfg).read_text())
+        return json.loads(Path(find_shipped_json(str(cfg))).read_text())
     except (OSError, ValueError) as err:
         raise ConfigError("nncf_config", str(cfg), "a readable NNCF JSON file", hint=str(err)) from None
 
