@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="auto (newest complete checkpoint in output_dir) or a checkpoint folder")
     p = sub.add_parser("check", help="validate a recipe and print it resolved, without running")
     _add_recipe_args(p)
-    sub.add_parser("prepare", help="convert the bundled model and fetch the bundled data sets into the cache")
+    p = sub.add_parser("prepare", help="convert the bundled model and fetch the bundled data sets into the cache, "
+                                       "or download a hub model into the HF cache (for offline clusters)")
+    p.add_argument("--model", metavar="ORG/NAME", help="a hub model id to download (instead of the bundled assets)")
+    p.add_argument("--revision", help="branch, tag or commit of --model (default: main)")
     p = sub.add_parser("export", help="write a run's (sub)network as a plain peft LoRA adapter")
     p.add_argument("run_dir")
     p.add_argument("--subnet", default="heuristic",
@@ -64,11 +67,13 @@ _LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "
 def _train(args) -> int:
     from .launch import format_command, in_launched_process, launch_command
     from ..trainer.config import load_config
+    from ..trainer.hub import pin_hub_model
     from ..trainer.run import train
 
     overrides = args.overrides + [f"{key}={getattr(args, flag)}" for flag, key in _LAUNCH_FLAGS.items()
                                   if getattr(args, flag) is not None]
     cfg = load_config(args.recipe, overrides)  # validated here, before any process is started
+    overrides += pin_hub_model(cfg.model)  # a hub id: resolved once, here; launched processes get the commit
     dist = cfg.distributed
     if dist.nproc * dist.nnodes > 1 and not in_launched_process():
         argv = ["train"] + ([args.recipe] if args.recipe else []) + [a for o in overrides for a in ("--set", o)]
@@ -102,6 +107,16 @@ def _check(args) -> None:
 
 def _prepare(args) -> None:
     from ..trainer.assets import minilm_dir, smollm2_dir
+    from ..trainer.hub import is_hub_id, snapshot
+
+    if args.revision and not args.model:
+        raise ConfigError("--revision", args.revision, "only with --model ORG/NAME")
+    if args.model:
+        if not is_hub_id(args.model):
+            raise ConfigError("--model", args.model, "a hub model id (org/name)")
+        path, commit = snapshot(args.model, args.revision)
+        print(f"[flexrank] ready: {args.model} commit {commit} in {path}")
+        return
     from ..trainer.corpora import analogies_file, polarity_file
 
     for item in (smollm2_dir(), minilm_dir(), analogies_file(), polarity_file()):

@@ -67,14 +67,28 @@ def minilm_dir() -> Path:
 BUNDLED = {SMOLLM2: smollm2_dir, MINILM: minilm_dir}
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """A bundled model's name, or a local HF folder; never a hub id (no hub at run time)."""
+def model_source(name_or_path: str) -> str:
+    """bundled | local (a folder, existing or not) | hub (an `org/name` id that is not a local folder)."""
+    from .hub import is_hub_id
+
     if name_or_path in BUNDLED:
+        return "bundled"
+    if is_hub_id(name_or_path) and not Path(name_or_path).expanduser().exists():
+        return "hub"
+    return "local"
+
+
+def resolve_model(name_or_path: str, revision: str | None = None) -> Path:
+    """A bundled model's name, a local HF folder, or a hub id (its snapshot in the HF cache, see hub.py)."""
+    source = model_source(name_or_path)
+    if source == "bundled":
         return BUNDLED[name_or_path]()
+    if source == "hub":
+        from .hub import snapshot
+
+        return snapshot(name_or_path, revision)[0]
     path = Path(name_or_path).expanduser()
     if (path / "config.json").exists():
         return path
-    raise ConfigError(
-        "model.name_or_path", name_or_path, f"one of {sorted(BUNDLED)} or a local folder with config.json",
-        "flexrank loads nothing from a model hub at run time",
-    )
+    raise ConfigError("model.name_or_path", name_or_path,
+                      f"one of {sorted(BUNDLED)}, a local folder with config.json or a hub id (org/name)")

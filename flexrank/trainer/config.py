@@ -50,6 +50,18 @@ class ModelConfig(_Section):
     liger_kernel: Literal["auto", True, False] = False
     quantization: QuantizationConfig | None = None
     gradient_checkpointing: bool = False
+    revision: str | None = None      # hub ids: a branch, tag or commit; config.yaml records the commit used
+    trust_remote_code: bool = False  # run modelling code shipped with the model (only for models you trust)
+
+    @model_validator(mode="after")
+    def _source(self):
+        from .assets import model_source
+
+        source = model_source(self.name_or_path)
+        if self.revision is not None and source != "hub":
+            raise ConfigError("model.revision", self.revision, "only with a hub id (org/name) in model.name_or_path",
+                              f"{self.name_or_path!r} is a {source} model")
+        return self
 
 
 class DataConfig(_Section):

@@ -35,7 +35,8 @@ def _quantization(cfg: ModelConfig):
 
 
 def load_tokenizer(cfg: ModelConfig):
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.name_or_path))
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.name_or_path, cfg.revision),
+                                        trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -43,10 +44,11 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_base_model(cfg: ModelConfig, tokenizer, log=print):
     """The frozen base model, with the attention kernel chosen at run time (the log says which)."""
-    path = resolve_model(cfg.name_or_path)
+    path = resolve_model(cfg.name_or_path, cfg.revision)
     attn, why = choose_attention(cfg.attn_implementation)
     log(f"[flexrank] attention kernel: {attn} ({why})")
-    kwargs = {"dtype": _dtype(cfg.dtype), "attn_implementation": attn, **_quantization(cfg)}
+    kwargs = {"dtype": _dtype(cfg.dtype), "attn_implementation": attn, "trust_remote_code": cfg.trust_remote_code,
+              **_quantization(cfg)}
     if cfg.task_type == "seq_cls":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=cfg.num_labels, **kwargs)
     else:
