@@ -16,8 +16,10 @@ def test_accelerate_launch_form_matches_flexrank_nproc(tiny_llama_dir, tmp_path)
     proc = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(ROOT / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
                 "--main_process_port", str(free_port()),
-                "-m", "flexrank", "train", str(path), "--set", f"training.output_dir={theirs}"])
-    assert "[flexrank] launching" not in proc.stdout  # already launched: flexrank does not launch again
+                "-m", "flexrank", "train", str(path), "--set", f"training.output_dir={theirs}",
+                # a recipe written for `flexrank train` (2 processes): inside accelerate, flexrank must not launch again
+                "--set", "distributed.nproc=2", "--set", "distributed.backend=ddp"])
+    assert "[flexrank] launching" not in proc.stdout
     for out in (ours, theirs):
         assert metrics(out)["train"]["world_size"] == 2 and metrics(out)["train"]["backend"] == "ddp"
     assert len(metrics(theirs)["train"]["losses"]) == 3

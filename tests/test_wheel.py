@@ -32,11 +32,12 @@ def installed(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+                               check=True, capture_output=True, text=True, env=_env()).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, env=_env())  # no PYTHONPATH: nothing hides the install
+    # After installing: pip would otherwise take the test environment's (editable) flexrank as already there.
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "flexrank_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")  # appended after site itself
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, capture_output=True)
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     return python, venv / "bin" / "flexrank", elsewhere, site
@@ -62,7 +63,9 @@ def test_wheel_holds_flexrank_with_its_shipped_files_and_met_requirements(instal
                  "recipes/nncf_shears_smollm2.json"):
         shipped = site / "flexrank" / name
         assert not shipped.is_symlink() and shipped.read_bytes() == (ROOT / name).read_bytes(), name
-    _run([sys.executable, "-m", "pip", "--python", python, "check"], cwd)
+    check = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "check"], capture_output=True,
+                           text=True, cwd=cwd, env=_env()).stdout  # other lines: the model wheels, installed --no-deps
+    assert "flexrank" not in check, check
 
 
 def test_installed_flexrank_checks_and_trains_a_shipped_recipe_on_two_processes(installed, tiny_llama_dir):
