@@ -10,6 +10,7 @@ the tests, made visible to the fresh one through a .pth line, instead of reinsta
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,12 @@ pytestmark = pytest.mark.slow
 def installed(tmp_path_factory):
     """(python, flexrank command, folder to run in) of a fresh venv holding only the wheel."""
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp / "dist")], check=True, capture_output=True, cwd=tmp)
+    # From a clean copy: setuptools would also pack whatever an earlier build left in the checkout's build/.
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "runs", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp / "dist")], check=True, capture_output=True, cwd=tmp, env=_env())
     wheel = next((tmp / "dist").glob("flexrank-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

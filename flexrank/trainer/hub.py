@@ -19,10 +19,10 @@ _PREPARE_HINT = "fetch it where the hub is reachable: flexrank prepare --model {
 
 
 def is_hub_id(name: str) -> bool:
-    """`org/name` as the hub spells repositories (one slash; no path-like prefix)."""
+    """`org/name` as the hub spells repositories (flexrank wants the org: a bare name is more likely a typo)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if name.count("/") != 1 or name.startswith((".", "~", "/")):
+    if name.count("/") != 1:
         return False
     try:
         validate_repo_id(name)
