@@ -67,7 +67,9 @@ def snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
 def pin_hub_model(model_cfg) -> list[str]:
     """In the launching process: resolve a hub id once and pin model.revision to its commit (recorded in
     config.yaml). Returns the --set overrides that hand the pinned commit to launched processes."""
-    if not is_hub_id(model_cfg.name_or_path) or Path(model_cfg.name_or_path).exists():
+    from .assets import model_source
+
+    if model_source(model_cfg.name_or_path) != "hub":
         return []
     path, commit = snapshot(model_cfg.name_or_path, model_cfg.revision)
     print(f"[flexrank] model {model_cfg.name_or_path} at revision {model_cfg.revision or 'main'}: commit {commit} "
