@@ -127,3 +127,42 @@ def test_revision_needs_a_hub_id():
     with pytest.raises(ConfigError, match=r"^model.revision: got 'v1'; allowed: only with a hub id"):
         load_config(raw={"model": {"name_or_path": "smollm2-135m-instruct", "revision": "v1"}})
     assert load_config(raw={"model": {"name_or_path": REPO}}).model.trust_remote_code is False
+
+
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "flexrank_tiny"
+'''
+CUSTOM_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+'''
+
+
+def test_custom_model_code_runs_only_with_trust_remote_code(tiny_llama_dir, tmp_path):
+    """A model whose model_type transformers does not know, with its own code (auto_map), as hub repos ship it."""
+    import json
+
+    from flexrank.trainer.modeling import load_base_model, load_tokenizer
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({
+        **config, "model_type": "flexrank_tiny", "architectures": ["TinyForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
+                     "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}))
+    model_cfg = load_config(raw={"model": {"name_or_path": str(folder)}}).model
+    with pytest.raises(ConfigError, match=r"^model.trust_remote_code: got False; allowed: true for a model that "
+                                          r"ships its own modelling code \(model_type 'flexrank_tiny'"):
+        load_tokenizer(model_cfg)
+    model_cfg = load_config(raw={"model": {"name_or_path": str(folder), "trust_remote_code": True}}).model
+    assert type(load_base_model(model_cfg, load_tokenizer(model_cfg))).__name__ == "TinyForCausalLM"

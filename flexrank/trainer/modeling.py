@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from .assets import resolve_model
 from .config import AdapterConfig, ModelConfig
+from .errors import ConfigError
 from .kernels import choose_attention
 from .rank_layer import register_rank_layer
 
@@ -34,9 +35,23 @@ def _quantization(cfg: ModelConfig):
     }
 
 
+def _model_path(cfg: ModelConfig):
+    """The model's local folder; refuses one that only loads by running its own code unless the recipe allows it
+    (transformers would otherwise fail with a multi-line error, or, asked, execute code the user never saw)."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = resolve_model(cfg.name_or_path, cfg.revision)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if not cfg.trust_remote_code and model_type is not None and model_type not in CONFIG_MAPPING:
+        raise ConfigError("model.trust_remote_code", False, "true for a model that ships its own modelling code",
+                          f"model_type {model_type!r} is not in transformers; only if you trust the code in {path}")
+    return path
+
+
 def load_tokenizer(cfg: ModelConfig):
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.name_or_path, cfg.revision),
-                                        trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(_model_path(cfg), trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -44,7 +59,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_base_model(cfg: ModelConfig, tokenizer, log=print):
     """The frozen base model, with the attention kernel chosen at run time (the log says which)."""
-    path = resolve_model(cfg.name_or_path, cfg.revision)
+    path = _model_path(cfg)
     attn, why = choose_attention(cfg.attn_implementation)
     log(f"[flexrank] attention kernel: {attn} ({why})")
     kwargs = {"dtype": _dtype(cfg.dtype), "attn_implementation": attn, "trust_remote_code": cfg.trust_remote_code,
