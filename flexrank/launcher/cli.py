@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..trainer.errors import ConfigError
 from ..shipped import find_recipe
+from ..trainer.errors import ConfigError
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
