@@ -82,7 +82,7 @@ def test_revision_tag_resolves_to_its_commit(hub_cache, tiny_llama_dir, tmp_path
     from huggingface_hub import constants
 
     from flexrank.trainer.hub import pin_hub_model
-    from flexrank.trainer.run import train
+    from flexrank.trainer.run import load_run, train
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -93,6 +93,8 @@ def test_revision_tag_resolves_to_its_commit(hub_cache, tiny_llama_dir, tmp_path
     assert m["parameters"]["total"] - m["parameters"]["trainable"] == base_parameters(
         hub_cache / "models--acme--tiny-llama" / "snapshots" / V1)
     assert load_config(tmp_path / "run" / "config.yaml").model.revision == V1
+    cfg, _, peft_model, _ = load_run(tmp_path / "run")  # as flexrank eval / export do: the recorded commit
+    assert cfg.model.revision == V1 and peft_model.get_base_model().config.num_hidden_layers == 1
 
 
 def test_offline_and_not_cached_fails_with_one_line_before_any_work(hub_cache, tiny_llama_dir, tmp_path):
