@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +60,8 @@ _LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "
 
 def _train(args) -> int:
     from .launch import format_command, in_launched_process, launch_command
+    from .signals import run_forwarding_signals
+    from ..trainer.preemption import PREEMPTED_EXIT, Preempted
     from ..trainer.config import load_config
     from ..trainer.run import train
 
@@ -72,14 +73,19 @@ def _train(args) -> int:
         argv = ["train"] + ([args.recipe] if args.recipe else []) + [a for o in overrides for a in ("--set", o)]
         cmd, env = launch_command(dist, argv)
         print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
-        return subprocess.run(cmd, env={**os.environ, **env}).returncode
-    train(cfg)
+        return run_forwarding_signals(cmd, {**os.environ, **env}, Path(cfg.training["output_dir"]))
+    status = 0
+    try:
+        train(cfg)
+    except Preempted as stop:
+        print(f"[flexrank] {stop}", flush=True)
+        status = PREEMPTED_EXIT
     if in_launched_process():
-        _exit_distributed()
-    return 0
+        _exit_distributed(status)
+    return status
 
 
-def _exit_distributed() -> None:
+def _exit_distributed(status: int = 0) -> None:
     """Tear down and leave at once: distributed CPU processes sometimes abort in interpreter teardown after
     finishing, which fails the whole launch (reference: distributed.md §5)."""
     import torch.distributed as dist
@@ -89,7 +95,7 @@ def _exit_distributed() -> None:
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def _check(args) -> None:
