@@ -41,7 +41,24 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a finished run's adapter (elastic: one or more subnets)")
     p.add_argument("run_dir")
     p.add_argument("--subnet", action="append", help="subnet(s) to evaluate (elastic runs)")
+    _add_slurm_parser(sub)
     return parser
+
+
+def _add_slurm_parser(sub) -> None:
+    slurm = sub.add_parser("slurm", help="SLURM job array sweeps (slurm/sweep.sbatch): write/submit, collect")
+    ssub = slurm.add_subparsers(dest="slurm_command", required=True)
+    p = ssub.add_parser("sweep", help="write SWEEP_DIR/sweep.txt (a grid of --set overrides) and print or submit "
+                                      "the job array")
+    p.add_argument("recipe")
+    p.add_argument("--set-grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="one axis of the grid, e.g. training.learning_rate=1e-4,3e-4 (repeatable)")
+    p.add_argument("--out", required=True, help="the sweep folder (task i trains into OUT/run-i)")
+    p.add_argument("--sbatch", default="", help="extra sbatch options, one string: --sbatch='--partition=gpu --account=me'")
+    p.add_argument("--train", default="", help="extra flexrank train options, one string: --train='--backend zero2'")
+    p.add_argument("--submit", action="store_true", help="run sbatch (default: only print the command)")
+    p = ssub.add_parser("collect", help="SWEEP_DIR/results.csv and results.md: every point's metrics, best first")
+    p.add_argument("sweep_dir")
 
 
 def _subnet_arg(value: str):
@@ -146,7 +163,21 @@ def _eval(args) -> None:
                          default=str))
 
 
-COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _export, "eval": _eval}
+def _slurm(args) -> int:
+    import shlex
+
+    from . import slurm
+
+    if args.slurm_command == "sweep":
+        return slurm.sweep(args.recipe, args.set_grid, Path(args.out), shlex.split(args.sbatch),
+                           shlex.split(args.train), args.submit)
+    slurm.collect(Path(args.sweep_dir))
+    print((Path(args.sweep_dir) / "results.md").read_text(), end="")
+    return 0
+
+
+COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _export, "eval": _eval,
+            "slurm": _slurm}
 
 
 def main(argv: list[str] | None = None) -> int:
