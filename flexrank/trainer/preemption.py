@@ -9,6 +9,7 @@ cannot interrupt the save (a SIGKILL still can, and then `--resume auto` passes 
 """
 
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -56,10 +57,15 @@ class PreemptionCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         agreed = self._agreed_signal(args.device)
         if agreed and state.global_step < state.max_steps:  # at the last step the run ends normally anyway
-            self.signum, self.stopped_at = agreed, state.global_step
+            self.signum, self.stopped_at, self._save_started = agreed, state.global_step, time.time()
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopped_at is not None and state.is_world_process_zero:
+            print(f"[flexrank] checkpoint-{self.stopped_at} saved in {time.time() - self._save_started:.1f} s",
+                  flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore_handlers()
