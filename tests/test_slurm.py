@@ -142,7 +142,8 @@ def test_signalled_job_requeues_itself_and_finishes_as_uninterrupted(slurm_clust
     assert metrics(tmp_path / "job")["train"]["losses"] == pytest.approx(
         metrics(tmp_path / "full")["train"]["losses"], abs=1e-5)
     assert_same_adapter(tmp_path / "full", tmp_path / "job", atol=1e-5)
-    times = {k: float(v) for k, v in re.findall(r"\[slurm\] (USR1|flexrank exited with status 75|job \d+ starts "
-                                                r"\(restart 1\)) at ([0-9.]+)", text)}
-    print(f"[{method}] signal -> checkpointed exit {times['flexrank exited with status 75'] - times['USR1']:.1f} s; "
-          f"exit -> requeued job starts {times[f'job {job} starts (restart 1)'] - times['flexrank exited with status 75']:.1f} s")
+    at = {k: float(v) for k, v in re.findall(r"\[slurm\] (USR1|flexrank exited with status 75|job \d+ starts "
+                                             r"\(restart 1\)) at ([0-9.]+)", text)}
+    stop, restart = at["flexrank exited with status 75"], at[f"job {job} starts (restart 1)"]
+    print(f"[{method}] signal -> checkpointed exit {stop - at['USR1']:.1f} s; exit -> requeued job starts "
+          f"{restart - stop:.1f} s")

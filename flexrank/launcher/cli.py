@@ -54,8 +54,8 @@ def _add_slurm_parser(sub) -> None:
     p.add_argument("--set-grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="one axis of the grid, e.g. training.learning_rate=1e-4,3e-4 (repeatable)")
     p.add_argument("--out", required=True, help="the sweep folder (task i trains into OUT/run-i)")
-    p.add_argument("--sbatch", default="", help="extra sbatch options, one string: --sbatch='--partition=gpu --account=me'")
-    p.add_argument("--train", default="", help="extra flexrank train options, one string: --train='--backend zero2'")
+    p.add_argument("--sbatch", default="", help="more sbatch options, one string: --sbatch='--partition=gpu'")
+    p.add_argument("--train", default="", help="more flexrank train options, one string: --train='--backend ddp'")
     p.add_argument("--submit", action="store_true", help="run sbatch (default: only print the command)")
     p = ssub.add_parser("collect", help="SWEEP_DIR/results.csv and results.md: every point's metrics, best first")
     p.add_argument("sweep_dir")

@@ -191,8 +191,15 @@ def resume_point(cfg: RunConfig, out: Path) -> Path | None:
 
 
 def train(cfg: RunConfig) -> dict:
-    out = Path(cfg.training["output_dir"])
     preemption = PreemptionCallback()  # SIGTERM/SIGUSR1 from here on: checkpoint at a step boundary, then stop
+    try:
+        return _train(cfg, preemption)
+    finally:
+        preemption.restore_handlers()
+
+
+def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
+    out = Path(cfg.training["output_dir"])
     apply_cpu_shims()
     resume = resume_point(cfg, out)
     args = training_arguments(cfg)  # validates the training section before anything heavy
