@@ -147,3 +147,16 @@ def test_signalled_job_requeues_itself_and_finishes_as_uninterrupted(slurm_clust
     stop, restart = at["flexrank exited with status 75"], at[f"job {job} starts (restart 1)"]
     print(f"[{method}] signal -> checkpointed exit {stop - at['USR1']:.1f} s; exit -> requeued job starts "
           f"{restart - stop:.1f} s")
+
+
+def test_sweep_grid_and_bad_input(tmp_path):
+    """No cluster needed: the grid's points and order, and one-line errors (exit 2) for bad input."""
+    from flexrank.launcher.slurm import grid_points
+
+    assert grid_points(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
+    for args, message in ((["sweep", "r.yaml", "--set-grid", "a=1,", "--out", str(tmp_path / "s")],
+                           "--set-grid: got 'a=1,'"),
+                          (["collect", str(tmp_path)], "SWEEP_DIR: got")):
+        proc = subprocess.run([sys.executable, "-m", "flexrank", "slurm", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()

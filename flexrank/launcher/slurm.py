@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def sbatch_command(recipe: str, sweep_dir: Path, n_points: int, sbatch_args: lis
 def sweep(recipe: str, grid: list[str], sweep_dir: Path, sbatch_args: list[str], train_args: list[str],
           submit: bool) -> int:
     points = grid_points(grid)
+    if submit and shutil.which("sbatch") is None:
+        raise ConfigError("--submit", True, "a machine with SLURM's sbatch on PATH", "leave it out to print the command")
     write_sweep(sweep_dir, points)
     (sweep_dir / "logs").mkdir(exist_ok=True)
     cmd = sbatch_command(recipe, sweep_dir.resolve(), len(points), sbatch_args, train_args)
