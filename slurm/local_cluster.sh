@@ -7,9 +7,10 @@
 #   slurm/local_cluster.sh down     cancel all jobs, stop only the daemons this script started, undo its edits
 #
 # Settings: FLEXRANK_SLURM_DIR (state, logs, pids; default /tmp/flexrank-slurm), FLEXRANK_SLURM_NODES (2),
-# FLEXRANK_SLURM_CPUS (CPUs per node, default nproc), FLEXRANK_SLURM_GPUS (fake GPUs per node, default 4: /dev/null
-# stand-ins, so that the sbatch scripts' --gpus-per-node and SLURM_GPUS_ON_NODE work unchanged on CPU). Outside $DIR it touches /etc/hosts (one tagged line: the
-# node names must resolve), /etc/slurm/slurm.conf (a symlink, so plain sbatch works) and /run/munge.
+# FLEXRANK_SLURM_CPUS (CPUs per node, default nproc), FLEXRANK_SLURM_GPUS (GPUs per node, default 4: /dev/null
+# stand-ins, so that the scripts' --gpus-per-node and SLURM_GPUS_ON_NODE work unchanged on CPU).
+# Outside $DIR it touches /etc/hosts (one tagged line: the node names must resolve), /etc/slurm/slurm.conf (a
+# symlink, so plain sbatch works) and /run/munge.
 set -euo pipefail
 DIR=${FLEXRANK_SLURM_DIR:-/tmp/flexrank-slurm}
 NODES=${FLEXRANK_SLURM_NODES:-2}
