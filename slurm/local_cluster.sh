@@ -98,7 +98,9 @@ munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
 start_munge() {
   munge_works && return  # an already running munged (e.g. started by systemd) is reused and left alone
-  [ -s /etc/munge/munge.key ] || { (mungekey -c 2>/dev/null || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none); }
+  if [ ! -s /etc/munge/munge.key ]; then
+    mungekey -c 2>/dev/null || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+  fi
   chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge /var/lib/munge /var/log/munge && chown munge:munge /run/munge /var/lib/munge /var/log/munge
   start munged setpriv --reuid=munge --regid=munge --init-groups munged -F
