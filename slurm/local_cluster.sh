@@ -160,6 +160,7 @@ down() {
     ours_alive "$name" && kill -KILL "$(cat "$f")" 2>/dev/null || true
     rm -f "$f"
   done
+  rmdir "$DIR/pids" 2>/dev/null || true
   [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$CONF" ] && rm -f /etc/slurm/slurm.conf
   if grep -q "$TAG" /etc/hosts; then hosts=$(grep -v "$TAG" /etc/hosts); printf '%s\n' "$hosts" > /etc/hosts; fi
   log "down"
