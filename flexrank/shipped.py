@@ -1,6 +1,7 @@
-"""Files shipped inside the flexrank package: accelerate YAMLs, DeepSpeed JSONs and the ready recipes.
+"""Files shipped inside the flexrank package: accelerate YAMLs, DeepSpeed JSONs, the ready recipes and the sbatch
+scripts.
 
-One source: the repository's top-level `accelerate_configs/`, `ds_configs/` and `recipes/` (the files users copy);
+One source: the repository's top-level `accelerate_configs/`, `ds_configs/`, `recipes/` and `slurm/` (the files users copy);
 `flexrank/<folder>` are symlinks to them, so a checkout, an editable install and a wheel all read the same files.
 """
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from .trainer.errors import ConfigError
 
-ACCELERATE_CONFIGS, DS_CONFIGS, RECIPES = "accelerate_configs", "ds_configs", "recipes"
+ACCELERATE_CONFIGS, DS_CONFIGS, RECIPES, SLURM = "accelerate_configs", "ds_configs", "recipes", "slurm"
 
 
 def shipped_file(folder: str, name: str) -> Path:

@@ -65,7 +65,7 @@ def test_wheel_holds_flexrank_with_its_shipped_files_and_met_requirements(instal
     where = _run([python, "-c", "import flexrank; print(flexrank.__file__)"], cwd).stdout.strip()
     assert Path(where) == site / "flexrank" / "__init__.py"
     for name in ("accelerate_configs/ddp.yaml", "ds_configs/zero3.json", "recipes/analogy_shears.yaml",
-                 "recipes/nncf_shears_smollm2.json"):
+                 "recipes/nncf_shears_smollm2.json", "slurm/sweep.sbatch"):
         shipped = site / "flexrank" / name
         assert not shipped.is_symlink() and shipped.read_bytes() == (ROOT / name).read_bytes(), name
     check = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "check"], capture_output=True,

@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,7 +46,24 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a finished run's adapter (elastic: one or more subnets)")
     p.add_argument("run_dir")
     p.add_argument("--subnet", action="append", help="subnet(s) to evaluate (elastic runs)")
+    _add_slurm_parser(sub)
     return parser
+
+
+def _add_slurm_parser(sub) -> None:
+    slurm = sub.add_parser("slurm", help="SLURM job array sweeps (slurm/sweep.sbatch): write/submit, collect")
+    ssub = slurm.add_subparsers(dest="slurm_command", required=True)
+    p = ssub.add_parser("sweep", help="write SWEEP_DIR/sweep.txt (a grid of --set overrides) and print or submit "
+                                      "the job array")
+    p.add_argument("recipe")
+    p.add_argument("--set-grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="one axis of the grid, e.g. training.learning_rate=1e-4,3e-4 (repeatable)")
+    p.add_argument("--out", required=True, help="the sweep folder (task i trains into OUT/run-i)")
+    p.add_argument("--sbatch", default="", help="more sbatch options, one string: --sbatch='--partition=gpu'")
+    p.add_argument("--train", default="", help="more flexrank train options, one string: --train='--backend ddp'")
+    p.add_argument("--submit", action="store_true", help="run sbatch (default: only print the command)")
+    p = ssub.add_parser("collect", help="SWEEP_DIR/results.csv and results.md: every point's metrics, best first")
+    p.add_argument("sweep_dir")
 
 
 def _subnet_arg(value: str):
@@ -66,6 +82,8 @@ _LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "
 
 def _train(args) -> int:
     from .launch import format_command, in_launched_process, launch_command
+    from .signals import run_forwarding_signals
+    from ..trainer.preemption import PREEMPTED_EXIT, Preempted
     from ..trainer.config import load_config
     from ..trainer.hub import pin_hub_model
     from ..trainer.run import train
@@ -79,14 +97,19 @@ def _train(args) -> int:
         argv = ["train"] + ([args.recipe] if args.recipe else []) + [a for o in overrides for a in ("--set", o)]
         cmd, env = launch_command(dist, argv)
         print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
-        return subprocess.run(cmd, env={**os.environ, **env}).returncode
-    train(cfg)
+        return run_forwarding_signals(cmd, {**os.environ, **env}, Path(cfg.training["output_dir"]))
+    status = 0
+    try:
+        train(cfg)
+    except Preempted as stop:
+        print(f"[flexrank] {stop}", flush=True)
+        status = PREEMPTED_EXIT
     if in_launched_process():
-        _exit_distributed()
-    return 0
+        _exit_distributed(status)
+    return status
 
 
-def _exit_distributed() -> None:
+def _exit_distributed(status: int = 0) -> None:
     """Tear down and leave at once: distributed CPU processes sometimes abort in interpreter teardown after
     finishing, which fails the whole launch (reference: distributed.md §5)."""
     import torch.distributed as dist
@@ -96,7 +119,7 @@ def _exit_distributed() -> None:
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def _check(args) -> None:
@@ -157,7 +180,21 @@ def _eval(args) -> None:
                          default=str))
 
 
-COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _export, "eval": _eval}
+def _slurm(args) -> int:
+    import shlex
+
+    from . import slurm
+
+    if args.slurm_command == "sweep":
+        return slurm.sweep(args.recipe, args.set_grid, Path(args.out), shlex.split(args.sbatch),
+                           shlex.split(args.train), args.submit)
+    slurm.collect(Path(args.sweep_dir))
+    print((Path(args.sweep_dir) / "results.md").read_text(), end="")
+    return 0
+
+
+COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _export, "eval": _eval,
+            "slurm": _slurm}
 
 
 def main(argv: list[str] | None = None) -> int:

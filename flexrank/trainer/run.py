@@ -26,6 +26,7 @@ from .export import export_plain_adapter
 from .flex_trainer import STATE_FILE, FlexTrainer, write_json
 from .kernels import choose_liger
 from .modeling import RANK_METHODS, apply_adapter, count_parameters, load_base_model, load_tokenizer
+from .preemption import Preempted, PreemptionCallback
 from .rank_layer import rank_layers, register_rank_layer
 from .rank_report import write_rank_report
 from .search_space import space_from_nncf, space_from_spec
@@ -190,6 +191,14 @@ def resume_point(cfg: RunConfig, out: Path) -> Path | None:
 
 
 def train(cfg: RunConfig) -> dict:
+    preemption = PreemptionCallback()  # SIGTERM/SIGUSR1 from here on: checkpoint at a step boundary, then stop
+    try:
+        return _train(cfg, preemption)
+    finally:
+        preemption.restore_handlers()
+
+
+def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     out = Path(cfg.training["output_dir"])
     apply_cpu_shims()
     resume = resume_point(cfg, out)
@@ -228,7 +237,10 @@ def train(cfg: RunConfig) -> dict:
         stages = metrics["sora_stages"] = []
         trainer.add_callback(SoRAStageEval(controller, lambda: evaluate_loss(
             peft_model, eval_set, eval_collator, batch_size=cfg.eval.batch_size), stages))
+    trainer.add_callback(preemption)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if preemption.stopped_at is not None:  # a checkpoint, but no metrics/adapter as if the run had finished
+        raise Preempted(preemption.stopped_at, preemption.signum)
     metrics["train"] = {**result.metrics, "backend": backend_of(trainer),
                         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                         "world_size": args.world_size, "resumed_from": str(resume) if resume else None}

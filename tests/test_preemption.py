@@ -1,0 +1,86 @@
+"""Preemption outside SLURM: SIGTERM to a 2-process `flexrank train` stops every process at the same step with a
+complete checkpoint (no metrics/adapter as if finished), and `--resume auto` ends with the uninterrupted result;
+a signal that reaches only one process still stops all of them at the same step (they agree by an all-reduce)."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from dist_helpers import assert_same_adapter, metrics, recipe, run, train_args
+
+from flexrank.trainer import checkpoints
+from flexrank.trainer.preemption import PREEMPTED_EXIT
+
+# No periodic checkpoints: the only checkpoint is the one the signal asks for.
+STEPS = {"max_steps": 8, "save_strategy": "no"}
+
+
+@pytest.fixture(scope="module")
+def elastic_run(tmp_path_factory, tiny_llama_dir):
+    """(recipe, output of the uninterrupted 2-process run)."""
+    tmp = tmp_path_factory.mktemp("preemption")
+    path = recipe(tmp, tiny_llama_dir, "elastic", **STEPS)
+    run(train_args(path, tmp / "full", "ddp"))
+    return path, tmp / "full"
+
+
+def signal_after_steps(args, steps: int, send) -> tuple[int, str]:
+    """Start a run; once `steps` losses were logged call send(process), and again 0.3 s later (while it
+    saves); returns (exit status, output)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines, logged = [], 0
+    for line in proc.stdout:
+        lines.append(line)
+        logged += "'loss'" in line
+        if logged >= steps:
+            break
+    assert logged >= steps, "".join(lines)[-3000:]
+    send(proc)
+    time.sleep(0.3)
+    send(proc)  # a second signal during the save must not break it
+    rest, _ = proc.communicate(timeout=300)
+    return proc.returncode, "".join(lines) + rest
+
+
+def only_checkpoint(out, output) -> tuple:
+    saved = list(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and checkpoints.problem(saved[0]) is None, output[-3000:]
+    assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+    return saved[0], int(saved[0].name.split("-")[1])
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, elastic_run):
+    path, full = elastic_run
+    stopped = tmp_path / "stopped"
+    status, output = signal_after_steps(train_args(path, stopped, "ddp"), 2, lambda p: p.send_signal(signal.SIGTERM))
+    assert status == PREEMPTED_EXIT, output[-3000:]
+    assert "preempted: " in output
+    saved, step = only_checkpoint(stopped, output)
+    assert 2 <= step < 8
+    proc = run(train_args(path, stopped, "ddp", "--resume", "auto"))
+    assert f"resume: {saved}" in proc.stdout
+    assert metrics(stopped)["train"]["resumed_from"] == str(saved)
+    assert metrics(stopped)["train"]["losses"] == pytest.approx(metrics(full)["train"]["losses"], abs=1e-5)
+    assert_same_adapter(full, stopped, atol=1e-5)
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path, elastic_run):
+    path, _ = elastic_run
+    stopped = tmp_path / "stopped"
+
+    def signal_rank_1(launcher):  # the accelerate agent's children are the workers
+        worker = next(w for w in psutil.Process(launcher.pid).children(recursive=True)
+                      if "RANK=1" in " ".join(f"{k}={v}" for k, v in w.environ().items() if k == "RANK"))
+        worker.send_signal(signal.SIGUSR1)
+
+    status, output = signal_after_steps(train_args(path, stopped, "ddp"), 2, signal_rank_1)
+    assert status != 0, output[-3000:]  # the launcher itself got no signal: accelerate reports the workers' 75
+    stops = re.findall(r"stopped by SIGUSR1 after step (\d+)", output)
+    assert len(stops) == 2 and stops[0] == stops[1], output[-3000:]  # rank 0 was never signalled
+    _, step = only_checkpoint(stopped, output)
+    assert step == int(stops[0])
