@@ -115,3 +115,39 @@ def test_one_subnet_per_step_on_every_process_and_micro_batch(tmp_path):
     # One process (gradient accumulation 2) samples, per step and micro-batch, what the two processes sampled.
     single = _launch(tmp_path / "single", 1)[0]
     assert single["world_size"] == 1 and single["records"] == ranks[0]["records"]
+
+
+def test_sandwich_rule_in_a_training_run(tiny_llama, tmp_path):
+    """FlexTrainer with sandwich: true, gradient accumulation 2 and gradient checkpointing: every micro-batch of
+    every optimizer step runs three forward+backward passes, maximal, minimal and the step's sampled subnet,
+    and each backward (the checkpoint recomputation) runs with its own pass's subnet."""
+    from elastic_helpers import ProgressionData
+    from transformers import TrainingArguments
+
+    from flexrank.trainer.flex_trainer import FlexTrainer
+
+    model, ctrl = elastic_supernet(tiny_llama, sandwich=True)
+    _, plain = elastic_supernet(copy.deepcopy(tiny_llama))  # what the third pass must be
+    probe = ctrl.layers["base_model.model.model.layers.1.mlp.up_proj"]
+    weights, widths = probe.rank_weights, []
+    probe.rank_weights = lambda a: widths.append(int(probe.lora_rank_mask[a].sum())) or weights(a)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0, gradient_checkpointing=True,
+                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    FlexTrainer(model=model, args=args, train_dataset=ProgressionData(), controller=ctrl).train()
+
+    passes = [(r["step"], r["pass"], r["config"]) for r in ctrl.records]
+    expected = []
+    for step in range(3):
+        plain.before_pass(step, 0)
+        for _micro_batch in range(2):
+            expected += [(step, 0, MAXIMAL), (step, 1, MINIMAL), (step, 2, dict(plain.config))]
+    assert passes == expected
+    # Each pass: a forward and its recomputation in backward, with the pass's width for L1 up_proj.
+    assert widths == [w for _, _, c in expected for w in (c["L1:up_proj"],) * 2]
+    # The maximal pass trains every rank of every module: all of A changed (B starts at zero, as in peft).
+    for name, layer in ctrl.layers.items():
+        a = f"{name}.lora_A.default.weight"
+        assert (model.get_parameter(a) != before[a]).all(dim=1).all(), name
