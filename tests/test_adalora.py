@@ -47,10 +47,10 @@ def _peft_allocator(ctrl, **schedule):
 
     shadow = torch.nn.Module()
     for i, layer in enumerate(ctrl.layers.values()):
-        m = torch.nn.Module()
-        m.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(layer.lora_A["default"].weight.detach().clone())})
-        m.lora_E = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.zeros(layer.r["default"], 1))})
-        m.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(layer.lora_B["default"].weight.detach().clone())})
+        m, param = torch.nn.Module(), lambda t: torch.nn.ParameterDict({"default": torch.nn.Parameter(t)})
+        m.lora_A = param(layer.lora_A["default"].weight.detach().clone())
+        m.lora_E = param(torch.zeros(layer.r["default"], 1))
+        m.lora_B = param(layer.lora_B["default"].weight.detach().clone())
         shadow.add_module(f"m{i:02d}", m)  # zero-padded: peft sorts and scans modules by name
 
     def copy_in():
