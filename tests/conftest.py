@@ -9,6 +9,17 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need CUDA: skipped, with the reason, where there is none (run tests/gpu/run.sh on a
+    GPU machine). Their CPU twins run everywhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); on a GPU machine run tests/gpu/run.sh")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_llama_config(vocab_size: int = 1000, layers: int = 2):
     from transformers import LlamaConfig
 

@@ -39,12 +39,74 @@ def train(model, ctrl, batch, steps, lr):
     return budgets
 
 
-def test_cubic_budget_matches_peft_rank_allocator():
-    kw = dict(init_budget=112, target_budget=28, tinit=5, tfinal=10, total_step=40, delta_t=2)
-    assert budget_at(5, **kw) == (112, False)
-    assert budget_at(10, **kw) == (int(84 * (1 - 5 / 25) ** 3 + 28), True)
-    assert budget_at(11, **kw)[1] is False
-    assert budget_at(31, **kw) == (28, True) and budget_at(39, **kw) == (28, True)
+def _peft_allocator(ctrl, **schedule):
+    """peft's own RankAllocator over a module shaped like peft's AdaLoRA (lora_A r x in, lora_E r x 1,
+    lora_B out x r per adapted module), and a function that copies the controller's tensors into it."""
+    from peft import AdaLoraConfig
+    from peft.tuners.adalora.layer import RankAllocator
+
+    shadow = torch.nn.Module()
+    for i, layer in enumerate(ctrl.layers.values()):
+        m, param = torch.nn.Module(), lambda t: torch.nn.ParameterDict({"default": torch.nn.Parameter(t)})
+        m.lora_A = param(layer.lora_A["default"].weight.detach().clone())
+        m.lora_E = param(torch.zeros(layer.r["default"], 1))
+        m.lora_B = param(layer.lora_B["default"].weight.detach().clone())
+        shadow.add_module(f"m{i:02d}", m)  # zero-padded: peft sorts and scans modules by name
+
+    def copy_in():
+        with torch.no_grad():
+            for (_, layer), m in zip(ctrl.layers.items(), shadow.children()):
+                for ours, theirs in ((layer.lora_A["default"].weight, m.lora_A["default"]),
+                                     (layer.lora_B["default"].weight, m.lora_B["default"]),
+                                     (layer.lora_gate["default"], m.lora_E["default"])):
+                    theirs.copy_(ours.view_as(theirs))
+                    theirs.grad = ours.grad.detach().clone().view_as(theirs)
+
+    config = AdaLoraConfig(target_r=ctrl.target_r, init_r=4, beta1=ctrl.beta1, beta2=ctrl.beta2, **schedule)
+    return shadow, RankAllocator(shadow, config, "default"), copy_in
+
+
+def test_importance_budget_and_masks_match_peft_rank_allocator(tiny_llama):
+    """Every step, peft's RankAllocator gets the same tensors and gradients: same importance EMAs, budget and
+    (at every masking step) the same surviving triplets. A new batch every step, so that the uncertainty term
+    changes the ranking (with one fixed batch, ranking by importance alone happens to give the same masks)."""
+    schedule = dict(total_step=8, tinit=1, tfinal=2, deltaT=1)
+    model, ctrl = adalora_model(tiny_llama, target_r=2, total_step=8, tinit=1, tfinal=2, delta_t=1)
+    shadow, allocator, copy_in = _peft_allocator(ctrl, **schedule)
+    names = list(ctrl.layers)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    model.train()
+    masked_steps, data = [], torch.Generator().manual_seed(1)
+    for step in range(8):
+        ids = torch.randint(0, 1000, (2, 12), generator=data)
+        ctrl.before_pass(step, 0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        copy_in()
+        ctrl.on_final_gradients()
+        budget, pattern = allocator.update_and_allocate(shadow, step)
+        assert ctrl.budget == budget, step
+        if step < 6:  # importance is updated until total_step - tfinal (then the mask is frozen)
+            for i, name in enumerate(names):
+                for part, key in (("A", "lora_A"), ("B", "lora_B"), ("E", "lora_E")):
+                    peft_key = f"m{i:02d}.{key}.default"
+                    torch.testing.assert_close(ctrl.exp_avg_ipt[f"{name}:{part}"].view(-1),
+                                               allocator.exp_avg_ipt[peft_key].view(-1), rtol=1e-5, atol=1e-12)
+                    torch.testing.assert_close(ctrl.exp_avg_unc[f"{name}:{part}"].view(-1),
+                                               allocator.exp_avg_unc[peft_key].view(-1), rtol=1e-5, atol=1e-12)
+        if pattern is not None:
+            masked_steps.append(step)
+            ours = [ctrl.layers[n].lora_rank_mask["default"].bool().tolist() for n in names]
+            assert ours == [pattern[f"m{i:02d}.lora_E.default"] for i in range(len(names))], step
+        opt.step()
+        opt.zero_grad()
+    assert masked_steps == [2, 3, 4, 5, 6, 7] and ctrl.active_rank() == 2 * len(names)
+    # The final importance ranks the triplets as peft's does at any budget, not only at those the schedule took.
+    for budget in (5, 12, 20, 40, 50):
+        ctrl._mask_to_budget(budget)
+        pattern = allocator.mask_to_budget(shadow, budget)
+        ours = [ctrl.layers[n].lora_rank_mask["default"].bool().tolist() for n in names]
+        assert ours == [pattern[f"m{i:02d}.lora_E.default"] for i in range(len(names))], budget
+    assert {sum(m) for m in (l.lora_rank_mask["default"].tolist() for l in ctrl.layers.values())} != {2}
 
 
 def test_orthogonality_gradient_is_the_regulariser_gradient():

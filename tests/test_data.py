@@ -189,12 +189,20 @@ def test_evaluate_generation_runs_greedy_and_restores_mode(tokenizer, model):
     result = evaluate_generation(model, tokenizer, ALPACA, batch_size=3, max_new_tokens=4)
     assert model.training
     model.eval()
-    assert result["n"] == 4 and 0.0 <= result["exact_match"] <= 1.0
+    assert result["n"] == 4
     assert [e["ref"] for e in result["examples"]] == [r["output"] for r in ALPACA]
     assert result["examples"][1]["input"] == "Athens is to Greece as Baghdad is to"
     # Batched left-padded greedy decoding gives what each prompt gives alone.
     alone = evaluate_generation(model, tokenizer, ALPACA[1:2], max_new_tokens=4)
     assert alone["examples"][0]["pred"] == result["examples"][1]["pred"]
+    # A hand-made case with a known score: records 0 and 2 take what the model answers as their reference
+    # (decorated as a person would write it), 1 and 3 an answer it cannot give: exactly 2 of 4 match.
+    preds = [e["pred"] for e in result["examples"]]
+    assert all(p.strip() for p in preds)
+    refs = [" " + preds[0].strip().upper() + ".", "no such answer", preds[2].strip() + "!\nmore", "nor this one"]
+    scored = evaluate_generation(model, tokenizer, [r | {"output": o} for r, o in zip(ALPACA, refs)],
+                                 batch_size=3, max_new_tokens=4)
+    assert scored["exact_match"] == 0.5
 
 
 def test_load_records_autodetects_formats(tmp_path):

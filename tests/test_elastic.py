@@ -1,6 +1,7 @@
 """Elastic supernet training: one subnet per optimizer step, from (seed, step) alone, identical on every
 process, micro-batch and gradient-checkpoint recomputation."""
 
+import copy
 import json
 import os
 import subprocess
@@ -15,32 +16,62 @@ from elastic_helpers import elastic_supernet
 SCRIPT = Path(__file__).parent / "scripts" / "elastic_train.py"
 
 
+GROUPS = ["L0:q_proj+k_proj+v_proj", "L1:q_proj+k_proj+v_proj", "L0:up_proj", "L1:up_proj", "L0:down_proj",
+          "L1:down_proj"]  # the tiny Llama's 2 layers x SHEARS_SPEC's groups, written out
+MAXIMAL, MINIMAL = dict.fromkeys(GROUPS, 8), dict.fromkeys(GROUPS, 4)
+
+
+def _group_of(module: str) -> str | None:
+    """The group a module belongs to, by hand: q/k/v of a layer together, up and down alone, o/gate in none."""
+    layer = module.split(".layers.")[1].split(".")[0]
+    proj = module.rsplit(".", 1)[1]
+    short = {"q_proj": "q_proj+k_proj+v_proj", "k_proj": "q_proj+k_proj+v_proj", "v_proj": "q_proj+k_proj+v_proj",
+             "up_proj": "up_proj", "down_proj": "down_proj"}.get(proj)
+    return f"L{layer}:{short}" if short else None
+
+
 def test_masks_follow_the_sampled_config(tiny_llama):
     model, ctrl = elastic_supernet(tiny_llama)
-    seen = set()
+    _, again = elastic_supernet(copy.deepcopy(tiny_llama))  # another process: same seed, no communication
+    _, other_seed = elastic_supernet(copy.deepcopy(tiny_llama), seed=8)
+    configs, others = [], []
     for step in range(12):
         ctrl.before_pass(step, 0)
-        expected = ctrl.space.config_for_step(7, step, 100)
-        assert ctrl.config == expected
-        widths = ctrl.space.module_widths(expected)
+        again.before_pass(step, 0)
+        other_seed.before_pass(step, 0)
+        assert sorted(ctrl.config) == sorted(GROUPS) and set(ctrl.config.values()) <= {8, 6, 4}
+        assert again.config == ctrl.config
         for name, layer in ctrl.layers.items():
             mask = layer.lora_rank_mask["default"]
-            width = widths.get(name, 8)  # o_proj / gate_proj are in no group: full rank
-            assert mask[:width].eq(1).all() and mask[width:].eq(0).all()
-        seen.add(tuple(expected.values()))
-    assert len(seen) > 1
-    assert ctrl.active_rank() == sum(ctrl.space.module_widths(ctrl.config).values()) + 8 * 4  # 2 layers x (o, gate)
+            group = _group_of(name)
+            width = ctrl.config[group] if group else 8  # o_proj / gate_proj are in no group: full rank
+            assert mask[:width].eq(1).all() and mask[width:].eq(0).all(), name
+        configs.append(dict(ctrl.config))
+        others.append(dict(other_seed.config))
+    assert {w for c in configs for w in c.values()} == {8, 6, 4}  # every width is drawn
+    assert len({tuple(c.values()) for c in configs}) > 6  # and the subnet changes from step to step
+    assert others != configs  # the seed matters
+    # q, k, v count three times per layer; o_proj and gate_proj keep all 8 ranks.
+    last = configs[-1]
+    assert ctrl.active_rank() == sum(3 * last[f"L{i}:q_proj+k_proj+v_proj"] + last[f"L{i}:up_proj"]
+                                     + last[f"L{i}:down_proj"] + 2 * 8 for i in (0, 1))
 
 
 def test_sandwich_rule_runs_max_min_random(tiny_llama):
     _, ctrl = elastic_supernet(tiny_llama, sandwich=True)
-    assert ctrl.passes(3) == 3
-    ctrl.before_pass(3, 0)
-    assert ctrl.config == ctrl.space.maximal()
-    ctrl.before_pass(3, 1)
-    assert ctrl.config == ctrl.space.minimal()
-    ctrl.before_pass(3, 2)
-    assert ctrl.config == ctrl.space.config_for_step(7, 3, 100)
+    _, plain = elastic_supernet(copy.deepcopy(tiny_llama))  # the sampler without the sandwich rule
+    assert ctrl.passes(3) == 3 and plain.passes(3) == 1
+    randoms = []
+    for step in range(6):
+        ctrl.before_pass(step, 0)
+        assert ctrl.config == MAXIMAL and ctrl.active_rank() == 8 * 14
+        ctrl.before_pass(step, 1)
+        assert ctrl.config == MINIMAL and ctrl.active_rank() == 4 * 10 + 8 * 4
+        ctrl.before_pass(step, 2)
+        plain.before_pass(step, 0)
+        assert ctrl.config == plain.config  # the third pass is the step's ordinary sample
+        randoms.append(tuple(ctrl.config.values()))
+    assert len(set(randoms)) > 1 and ctrl.history[5] == plain.config
 
 
 def test_state_dict_round_trip(tiny_llama):
@@ -49,10 +80,11 @@ def test_state_dict_round_trip(tiny_llama):
     state = ctrl.state_dict()
     ctrl.activate("minimal")
     ctrl.load_state_dict(state)
-    assert ctrl.config == ctrl.space.heuristic()
+    assert ctrl.config == dict.fromkeys(GROUPS, 6)  # the median of [8, 6, 4]
 
 
 def _launch(out: Path, nproc: int) -> list[dict]:
+    out.mkdir(exist_ok=True)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPT), str(out)]
@@ -67,7 +99,7 @@ def _launch(out: Path, nproc: int) -> list[dict]:
 
 def test_one_subnet_per_step_on_every_process_and_micro_batch(tmp_path):
     """2 processes (gloo DDP), gradient accumulation 2, gradient checkpointing: every process and every
-    micro-batch of a step trains the same subnet, which is the pure function of (seed, step)."""
+    micro-batch of a step trains the same subnet, and one process alone trains the same ones."""
     ranks = _launch(tmp_path, 2)
     assert all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["records"] == ranks[1]["records"]
@@ -80,10 +112,42 @@ def test_one_subnet_per_step_on_every_process_and_micro_batch(tmp_path):
         assert passes[0] == passes[1]
     assert len({json.dumps(p[0][0]) for p in by_step.values()}) > 1  # the subnet does change between steps
     assert len(ranks[0]["losses"]) == 6
+    # One process (gradient accumulation 2) samples, per step and micro-batch, what the two processes sampled.
+    single = _launch(tmp_path / "single", 1)[0]
+    assert single["world_size"] == 1 and single["records"] == ranks[0]["records"]
 
 
-def test_single_process_samples_the_same_subnets(tmp_path, tiny_llama):
-    single = _launch(tmp_path, 1)[0]
-    _, ctrl = elastic_supernet(tiny_llama)
-    for rec in single["records"]:
-        assert rec["config"] == ctrl.space.config_for_step(7, rec["step"], ctrl.steps_per_epoch)
+def test_sandwich_rule_in_a_training_run(tiny_llama, tmp_path):
+    """FlexTrainer with sandwich: true, gradient accumulation 2 and gradient checkpointing: every micro-batch of
+    every optimizer step runs three forward+backward passes, maximal, minimal and the step's sampled subnet,
+    and each backward (the checkpoint recomputation) runs with its own pass's subnet."""
+    from elastic_helpers import ProgressionData
+    from transformers import TrainingArguments
+
+    from flexrank.trainer.flex_trainer import FlexTrainer
+
+    model, ctrl = elastic_supernet(tiny_llama, sandwich=True)
+    _, plain = elastic_supernet(copy.deepcopy(tiny_llama))  # what the third pass must be
+    probe = ctrl.layers["base_model.model.model.layers.1.mlp.up_proj"]
+    weights, widths = probe.rank_weights, []
+    probe.rank_weights = lambda a: widths.append(int(probe.lora_rank_mask[a].sum())) or weights(a)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0, gradient_checkpointing=True,
+                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    FlexTrainer(model=model, args=args, train_dataset=ProgressionData(), controller=ctrl).train()
+
+    passes = [(r["step"], r["pass"], r["config"]) for r in ctrl.records]
+    expected = []
+    for step in range(3):
+        plain.before_pass(step, 0)
+        for _micro_batch in range(2):
+            expected += [(step, 0, MAXIMAL), (step, 1, MINIMAL), (step, 2, dict(plain.config))]
+    assert passes == expected
+    # Each pass: a forward and its recomputation in backward, with the pass's width for L1 up_proj.
+    assert widths == [w for _, _, c in expected for w in (c["L1:up_proj"],) * 2]
+    # The maximal pass trains every rank of every module: all of A changed (B starts at zero, as in peft).
+    for name, layer in ctrl.layers.items():
+        a = f"{name}.lora_A.default.weight"
+        assert (model.get_parameter(a) != before[a]).all(dim=1).all(), name

@@ -1,4 +1,7 @@
-"""GPU-only kernels are chosen at run time, with a fallback that works here; asking for a missing one is an error."""
+"""GPU-only kernels are chosen at run time, with a fallback that works here; asking for a missing one is an error.
+
+These are the CPU twins of tests/gpu/test_cuda_paths.py: CUDA is switched off for them (monkeypatch), so they
+hold on a GPU machine too; the GPU file checks the choices where CUDA is really there."""
 
 import pytest
 
@@ -6,9 +9,14 @@ from flexrank.trainer import kernels
 from flexrank.trainer.errors import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(kernels.torch.cuda, "is_available", lambda: False)
+
+
 def test_auto_falls_back_to_sdpa_and_says_why():
     impl, why = kernels.choose_attention("auto")
-    assert impl == "sdpa" and "no CUDA device" in why  # this machine (and CI) has no GPU
+    assert impl == "sdpa" and "no CUDA device" in why
 
 
 def test_auto_picks_flash_attention_when_available(monkeypatch):

@@ -55,21 +55,44 @@ def test_masked_ranks_get_zero_gradients_not_none(tiny_llama, batch):
         assert layer.lora_gate["default"].grad is None  # gates are frozen unless a controller learns them
 
 
-def test_gradient_checkpointing_sees_the_same_subnet(tiny_llama, batch):
+def _checkpointed(model):
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def test_gradient_checkpointing_recomputes_each_pass_with_its_own_subnet(tiny_llama, batch):
+    """Two passes with different subnets (a sandwich step): the recomputation in each backward sees that pass's
+    mask, so the accumulated gradients equal those without checkpointing."""
     import copy
 
-    plain_model = rank_model(copy.deepcopy(tiny_llama))
-    ckpt_model = rank_model(tiny_llama)
+    plain_model = rank_model(copy.deepcopy(tiny_llama)).train()
+    ckpt_model = _checkpointed(rank_model(tiny_llama))
     ckpt_model.load_state_dict(plain_model.state_dict())
-    ckpt_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ckpt_model.train(), plain_model.train()
+    seen = []  # the width each forward of one layer ran with: forward, recompute, forward, recompute
+    probe = rank_layers(ckpt_model)["base_model.model.model.layers.1.mlp.down_proj"]
+    weights = probe.rank_weights  # (module hooks do not run again in the recomputation: record here)
+    probe.rank_weights = lambda a: seen.append(int(probe.lora_rank_mask[a].sum())) or weights(a)
     grads = []
     for model in (plain_model, ckpt_model):
-        for layer in rank_layers(model).values():
-            layer.set_width(5)
-        model(**batch).loss.backward()
+        for width in (5, 2):
+            for layer in rank_layers(model).values():
+                layer.set_width(width)
+            model(**batch).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]))
+    assert seen == [5, 5, 2, 2]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_mask_changed_before_the_recompute_is_an_error(tiny_llama, batch):
+    """A controller that rewrote a mask between a forward and its backward would make the checkpoint
+    recomputation train another subnet than the loss was computed with: refused, never silently wrong."""
+    model = _checkpointed(rank_model(tiny_llama))
+    for layer in rank_layers(model).values():
+        layer.set_width(5)
+    loss = model(**batch).loss
+    rank_layers(model)["base_model.model.model.layers.0.self_attn.v_proj"].set_width(2)
+    with pytest.raises(RuntimeError, match="rank mask changed between a forward pass and its backward"):
+        loss.backward()
 
 
 def test_export_random_subnet_loads_in_stock_peft_with_identical_logits(tiny_llama, batch, tmp_path):

@@ -101,18 +101,38 @@ def test_shears_run_exports_subnets_to_stock_peft(tiny_llama_dir, tmp_path):
             assert not torch.equal(merged_w, module.weight)  # and the adapter was merged
 
 
-def test_minilm_polarity_classification(tmp_path):
+def test_minilm_polarity_classification_learns(tmp_path):
+    """30 steps of LoRA q,v (+ the classifier head) on Pang & Lee polarity. Measured (seed 0, 128 held out):
+    accuracy 0.523 before -> 0.633 after; 3 steps or lr 2e-2 stay at chance (0.50), so the margin asked here
+    (+0.06 and above 0.58) is learning, not noise of one run."""
     cfg = load_config(raw={
         "model": {"name_or_path": "all-minilm-l6-v2", "task_type": "seq_cls"},
-        "data": {"task": "polarity", "train_size": 64, "eval_size": 32, "max_length": 32},
+        "data": {"task": "polarity", "train_size": 480, "eval_size": 128, "max_length": 32},
         "adapter": {"method": "lora", "r": 4, "target_modules": ["query", "value"]},
-        "training": {**QUICK, "output_dir": str(tmp_path)},
+        "training": {**QUICK, "max_steps": 30, "per_device_train_batch_size": 16, "learning_rate": 5e-3,
+                     "output_dir": str(tmp_path)},
     })
     metrics = train(cfg)
-    assert metrics["before"]["n"] == metrics["after"]["n"] == 32
-    assert 0.0 <= metrics["after"]["accuracy"] <= 1.0
+    before, after = metrics["before"]["accuracy"], metrics["after"]["accuracy"]
+    assert metrics["before"]["n"] == metrics["after"]["n"] == 128
+    assert after >= before + 0.06 and after > 0.58, (before, after)
     adapter_files = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_files["task_type"] == "SEQ_CLS"
+
+    # The reported accuracy, recomputed without flexrank's evaluation: stock peft, one text at a time.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flexrank.trainer.assets import minilm_dir
+    from flexrank.trainer.run import load_data
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2),
+                                      tmp_path / "adapter").eval()
+    records = load_data(cfg).eval
+    with torch.no_grad():
+        right = sum(int(model(**tokenizer(r["text"], truncation=True, max_length=32, return_tensors="pt")).logits
+                        .argmax()) == int(r["label"]) for r in records)
+    assert after == right / len(records)
 
 
 @pytest.mark.slow

@@ -157,7 +157,9 @@ def test_nncf_import_of_shears_template(tmp_path):
     assert all(g.widths == (32, 24, 16) for g in space.groups)
     # -1 means "from the training arguments"; NNCF clamps width_indicator 5 to the 3 widths there are.
     assert space.stages == (Stage(steps=None, epochs=None, width_indicator=3, sample_rate=1),)
-    assert space.heuristic() == space_from_spec(SHEARS_SPEC, NAMES, max_rank=32).heuristic()
+    assert space.heuristic() == dict.fromkeys(_shears_groups_expected(), 24)
+    assert space.maximal() == dict.fromkeys(_shears_groups_expected(), 32)
+    assert space.minimal() == dict.fromkeys(_shears_groups_expected(), 16)
 
 
 def test_nncf_import_of_expanded_config_matches_template():
@@ -232,6 +234,21 @@ def test_sample_is_a_function_of_seed_and_step():
     assert {w for c in configs for w in c.values()} == {32, 24, 16}
 
 
+def test_sampling_is_uniform_per_group_and_independent_across_groups():
+    """Statistics that hold for any correct sampler (not values taken from the sampler): 300 steps x 12 groups.
+    Each width has probability 1/3 (count 1200 +- 3 sigma = 3 x 26); groups are not drawn together."""
+    space = space_from_spec(SHEARS_SPEC, NAMES, max_rank=32)
+    configs = [space.sample(11, step) for step in range(300)]
+    counts = {w: sum(list(c.values()).count(w) for c in configs) for w in (32, 24, 16)}
+    assert all(abs(n - 1200) < 80 for n in counts.values()), counts
+    same = sum(c["L0:up_proj"] == c["L0:down_proj"] for c in configs)  # 1/3 of 300 = 100 +- 3 x 8
+    assert 75 < same < 125, same
+    per_group = [sum(c[g] == 32 for c in configs) for g in configs[0]]  # 100 +- 3 x 8 for every group
+    assert all(70 < n < 130 for n in per_group), per_group
+    narrow = [space.sample(11, step, width_indicator=2) for step in range(100)]  # 1/2 each of the largest two
+    assert 540 < sum(list(c.values()).count(32) for c in narrow) < 660
+
+
 def test_width_indicator_restricts_to_the_largest_widths():
     space = space_from_spec(SHEARS_SPEC, NAMES, max_rank=32)
     drawn = {w for step in range(50) for w in space.sample(0, step, width_indicator=2).values()}
@@ -249,12 +266,17 @@ def test_stages_and_sample_rate():
     assert all(space.config_for_step(1, s, steps_per_epoch) == space.maximal() for s in range(10))
     configs = {s: space.config_for_step(1, s, steps_per_epoch) for s in range(10, 40)}
     for s, config in configs.items():
-        start, rate, indicator = (10, 4, 2) if s < 20 else (20, 3, 3)
-        # Constant within a sample_rate window (counted from the stage's start), equal to the sample of its first step.
-        first = s - (s - start) % rate
-        assert config == configs[first] == space.sample(1, first, indicator)
-    assert set(configs[12].values()) <= {32, 24}
-    assert len({tuple(c.values()) for c in configs.values()}) > 3
+        start, rate = (10, 4) if s < 20 else (20, 3)
+        # Constant within a sample_rate window, counted from the stage's start.
+        assert config == configs[s - (s - start) % rate]
+    windows = [configs[s] for s in (10, 14, 18)] + [configs[s] for s in range(20, 40, 3)]
+    assert all(tuple(a.values()) != tuple(b.values()) for a, b in zip(windows, windows[1:]))  # a new draw each
+    assert {w for s in range(10, 20) for w in configs[s].values()} == {32, 24}  # stage 1: the largest two
+    assert {w for s in range(20, 40) for w in configs[s].values()} == {32, 24, 16}  # stage 2: all three
+    # A pure function of (seed, step): another instance ("process") gives the same; another seed does not.
+    again = space_from_spec(spec, NAMES, max_rank=32)
+    assert all(again.config_for_step(1, s, steps_per_epoch) == c for s, c in configs.items())
+    assert any(space.config_for_step(2, s, steps_per_epoch) != c for s, c in configs.items())
 
 
 # ----------------------------------------------------------------------------- bad input

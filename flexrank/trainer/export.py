@@ -4,6 +4,10 @@ For each RankLoraLinear: keep the ranks whose g ⊙ m is non-zero, fold g ⊙ m 
 scale s of training by writing r' in `rank_pattern` and alpha' = s·r' in `alpha_pattern`. A module with no
 active rank is left out of `target_modules`: its ΔW is zero. Adapters without rank layers are written as they
 are. Under ZeRO-3 / FSDP2 pass the gathered full state dict (backends.full_state_dict).
+
+A run whose every rank is pruned has no adapter to write (peft refuses a LoRA config without target modules,
+and a placeholder rank with B = 0 would pass for a trained adapter downstream): export raises
+`NothingToExport`, a ConfigError that says so, and writes nothing; the base model alone is that run's model.
 """
 
 import copy
@@ -16,6 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .errors import ConfigError
 from .rank_layer import rank_layers
 
 _PEFT_PREFIX = "base_model.model."
@@ -45,6 +50,14 @@ def plain_lora_state(peft_model, adapter: str = "default", full_state: dict | No
     return state, ranks, alphas
 
 
+class NothingToExport(ConfigError):
+    def __init__(self, total: int):
+        super().__init__("export", f"0 of {total} ranks active", "an adapter with at least one active rank",
+                         "every rank was pruned, so the base model alone is this run's model and there is no "
+                         "adapter to write; train with a lower adapter.sora.threshold / sparse_lambda, a larger "
+                         "adapter.adalora.target_r, or export a larger subnet")
+
+
 def _plain_config(src: LoraConfig, ranks: dict, alphas: dict) -> LoraConfig:
     return LoraConfig(
         r=max(ranks.values(), default=1), lora_alpha=max(alphas.values(), default=1.0),
@@ -59,8 +72,11 @@ def export_plain_adapter(peft_model, out_dir: str | Path, adapter: str = "defaul
                          full_state: dict | None = None) -> dict:
     """Write adapter_config.json + adapter_model.safetensors (atomically: a folder appears whole or not at all)."""
     state, ranks, alphas = plain_lora_state(peft_model, adapter, full_state)
+    layers = rank_layers(peft_model)
+    if layers and not ranks:
+        raise NothingToExport(sum(layer.r[adapter] for layer in layers.values()))
     src = peft_model.peft_config[adapter]
-    config = _plain_config(src, ranks, alphas) if rank_layers(peft_model) else copy.deepcopy(src)
+    config = _plain_config(src, ranks, alphas) if layers else copy.deepcopy(src)
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

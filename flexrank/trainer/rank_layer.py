@@ -37,6 +37,24 @@ class _OrthogonalityGradient(torch.autograd.Function):
         return grad, grad_a.to(a.dtype), grad_b.to(b.dtype), None
 
 
+class _MaskUnchangedUntilBackward(torch.autograd.Function):
+    """Identity whose backward checks that the layer's mask was not rewritten since this forward. With gradient
+    checkpointing the backward recomputes the forward from the *current* mask: a controller that changed it in
+    between would silently train another subnet than the loss was computed with. Fail loudly instead."""
+
+    @staticmethod
+    def forward(ctx, h, layer, generation):
+        ctx.layer, ctx.generation = layer, generation
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.layer.mask_generation != ctx.generation:
+            raise RuntimeError("flexrank: a rank mask changed between a forward pass and its backward (gradient "
+                               "checkpointing would recompute with the new mask); set masks only before a pass")
+        return grad, None, None
+
+
 def orthogonality(a: torch.Tensor, b: torch.Tensor) -> float:
     eye = torch.eye(a.shape[0], device=a.device)
     return float((a.float() @ a.float().T - eye).norm() + (b.float().T @ b.float() - eye).norm())
@@ -61,6 +79,8 @@ class RankVariant(LoraVariant):
         a = active_adapter
         h = module.lora_A[a](module.lora_dropout[a](x))
         h = h * module.rank_weights(a).to(h.dtype)
+        if torch.is_grad_enabled():
+            h = _MaskUnchangedUntilBackward.apply(h, module, module.mask_generation)
         result = result + module.lora_B[a](h) * module.scaling[a]
         weight = getattr(module, "orthogonality_weight", 0.0)  # set by the AdaLoRA controller
         if weight and torch.is_grad_enabled():
@@ -86,6 +106,7 @@ class RankLoraLinear(LoraLinear):
     # The gate is not in adapter_layer_names, so peft's set_adapter does not make it trainable: it stays frozen
     # (ones) unless a controller that learns it switches requires_grad on.
     other_param_names = LoraLinear.other_param_names + ("lora_gate", "lora_rank_mask")
+    mask_generation = 0  # bumped by every mask write; see _MaskUnchangedUntilBackward
 
     def resolve_lora_variant(self, *, config, **kwargs):
         return RankVariant()
@@ -97,12 +118,14 @@ class RankLoraLinear(LoraLinear):
     def set_mask(self, mask: torch.Tensor, adapter: str = "default") -> None:
         buf = self.lora_rank_mask[adapter]
         buf.copy_(mask.to(device=buf.device, dtype=buf.dtype))
+        self.mask_generation += 1
 
     def set_width(self, width: int, adapter: str = "default") -> None:
         """Prefix mask: the first `width` ranks are active (elastic supernets are nested)."""
         buf = self.lora_rank_mask[adapter]
         buf.zero_()
         buf[:width] = 1
+        self.mask_generation += 1
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
         a = self.lora_A[adapter].weight.float()

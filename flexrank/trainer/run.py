@@ -22,7 +22,7 @@ from .config import RunConfig, dump_config, load_config
 from .controllers import AdaLoRAController, ElasticController, RankController, SoRAController
 from .errors import ConfigError
 from .evaluation import evaluate_classification, evaluate_generation, evaluate_loss
-from .export import export_plain_adapter
+from .export import NothingToExport, export_plain_adapter
 from .flex_trainer import STATE_FILE, FlexTrainer, write_json
 from .kernels import choose_liger
 from .modeling import RANK_METHODS, apply_adapter, count_parameters, load_base_model, load_tokenizer
@@ -266,7 +266,11 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     elif cfg.eval.after:
         metrics["after"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
     if main:
-        metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
+        try:
+            metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
+        except NothingToExport as exc:  # training itself finished: keep its metrics and rank report
+            print(f"[flexrank] no adapter written: {exc}")
+            metrics["export"] = {"error": str(exc), "modules": 0, "total_rank": 0, "params": 0, "rank_pattern": {}}
         if isinstance(controller, (SoRAController, AdaLoRAController)):
             ranks = metrics["export"]["rank_pattern"]
             every = {n.removeprefix("base_model.model."): 0 for n in controller.layers}  # pruned modules: rank 0
