@@ -6,7 +6,7 @@ Tolerance: adapters within 1e-5, losses within 1e-5 for every pair. The resumed 
 step (same global batch); it differs from the uninterrupted run only in reduction order (2-process all-reduce vs
 2 accumulated micro-batches, ZeRO's flat fp32 partitions), ~1e-7 relative in the gradients, which 3 Adam steps
 at lr 1e-2 keep far below 1e-5 (seen: adapters <= 3e-8, losses <= 2e-6 for ZeRO-3 -> 1, FSDP2 -> 1, ZeRO-3 ->
-FSDP2)."""
+FSDP2, ZeRO-2 -> FSDP2)."""
 
 import inspect
 import json
@@ -55,6 +55,15 @@ def test_fsdp2_checkpoint_resumes_on_one_process(tmp_path, tiny_llama_dir):
     full = tmp_path / "full"
     run(train_args(path, full, "fsdp2"))
     resume_elsewhere(path, full, tmp_path / "single", "single")
+
+
+def test_zero2_checkpoint_resumes_under_fsdp2(tmp_path, tiny_llama_dir):
+    """SoRA's gates have a parameter group of their own: ZeRO-2 links the Adam state of later groups only when
+    asked again (see portable_state._link_zero12_state)."""
+    path = recipe(tmp_path, tiny_llama_dir, "sora", **SAVE)
+    full = tmp_path / "full"
+    run(train_args(path, full, "zero2"))
+    resume_elsewhere(path, full, tmp_path / "fsdp2", "fsdp2")
 
 
 def _checkpoint(folder, backend, world_size, portable: bool):

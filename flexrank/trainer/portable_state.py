@@ -45,6 +45,15 @@ def _zero_optimizer(trainer):
     return trainer.model_wrapped.optimizer
 
 
+def _link_zero12_state(zero) -> None:
+    """ZeRO-1/2 link each parameter to its slice of the Adam state lazily, once, at the first step, and then only
+    for the parameter groups stepped so far (DeepSpeed 0.19: the params of later groups stay unlinked and
+    safe_get/set_full_optimizer_state fail for them). Link again, now that every group has its state."""
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
 def _torch_optimizer(trainer) -> torch.optim.Optimizer:
     opt = trainer.optimizer
     while hasattr(opt, "optimizer"):  # accelerate's AcceleratedOptimizer (and wrappers like it)
@@ -60,7 +69,10 @@ def gather(trainer) -> dict:
     if trainer.is_deepspeed_enabled:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        steps = {float(s["step"]) for s in _zero_optimizer(trainer).optimizer.state.values() if "step" in s}
+        zero = _zero_optimizer(trainer)
+        steps = {float(s["step"]) for s in zero.optimizer.state.values() if "step" in s}
+        if steps:
+            _link_zero12_state(zero)
         if len(steps) > 1:  # every group steps together; the format keeps one step per parameter anyway
             raise RuntimeError(f"ZeRO parameter groups at different Adam steps {sorted(steps)}")
         step = next(iter(steps), None)
@@ -174,8 +186,7 @@ def _load_into_zero(trainer, named: dict, state: dict) -> None:
             for flat in group["params"]:
                 zero.optimizer.state[flat] = {"step": _step_tensor(step, group, flat),
                                               **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
-        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link each param to its fragment
-            zero._lazy_init_hp_params_optimizer_state()
+        _link_zero12_state(zero)
     for name, p in named.items():
         value = state["params"][name]
         # The visible (low-precision) parameter and the optimizer's fp32 master copy are separate tensors.
