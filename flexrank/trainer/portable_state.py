@@ -122,6 +122,8 @@ class PortableStateCallback(TrainerCallback):
 def layout_changed(ckpt: Path, backend: str, world_size: int) -> bool:
     """Whether resuming from `ckpt` must go through PORTABLE_FILE (the checkpoint was written under another
     backend or world size); a clear error when it is needed and missing."""
+    if not (ckpt / checkpoints.MANIFEST).is_file():
+        return False  # not written by flexrank: the Trainer loads it as it is
     saved = checkpoints.meta(ckpt)
     if (saved["backend"], saved["world_size"]) == (backend, world_size):
         return False
