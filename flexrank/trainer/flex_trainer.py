@@ -8,6 +8,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from . import checkpoints
+from .portable_state import PortableResume, PortableStateCallback
 from .backends import backend_of, call_when_gradients_are_final
 from .controllers import RankController
 
@@ -23,10 +24,13 @@ class _ControllerCallback(TrainerCallback):
         self.controller.after_optimizer_step(state.global_step)
 
 
-class FlexTrainer(Trainer):
+class FlexTrainer(PortableResume, Trainer):
     def __init__(self, *args, controller: RankController | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.controller = controller
+        # World-size-independent trainable state in every checkpoint; must run before the checkpoint is marked
+        # complete (register any on_save completion callback after it).
+        self.add_callback(PortableStateCallback(self))
         if controller is not None:
             self.add_callback(_ControllerCallback(controller))
 

@@ -164,7 +164,8 @@ def _is_main_process() -> bool:  # usable before the process group exists
 
 def resume_point(cfg: RunConfig, out: Path) -> Path | None:
     """The checkpoint to resume from, adapting gradient accumulation when the world size changed so that every
-    optimizer step still sees the same samples (global batch = per-device batch x accumulation x processes)."""
+    optimizer step still sees the same samples (global batch = per-device batch x accumulation x processes).
+    Whatever the backend: the trainable state of a checkpoint also exists in a world-size-independent form."""
     main = _is_main_process()
     ckpt = checkpoints.resolve_resume(cfg.training.pop("resume_from_checkpoint", None), out,
                                       warn=print if main else (lambda *_: None), set_aside=main)
@@ -172,10 +173,7 @@ def resume_point(cfg: RunConfig, out: Path) -> Path | None:
         return None
     saved, t = checkpoints.meta(ckpt), cfg.training
     world = _world_size()
-    if saved["world_size"] != world:
-        if saved["backend"].startswith("zero"):
-            raise ConfigError("distributed.nproc", world, f"{saved['world_size']} processes (as when {ckpt} was "
-                              "written)", "DeepSpeed ZeRO checkpoints are partitioned per process")
+    if saved["world_size"] != world:  # sharded state then resumes from the checkpoint's portable_state file
         global_batch = saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"] * saved["world_size"]
         per_step = t["per_device_train_batch_size"] * world
         if global_batch % per_step:
