@@ -140,3 +140,22 @@ def test_ddp_matches_single_process(tmp_path, tiny_llama_dir):
     for k in scales:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3, msg=k)
     assert len(differ) <= len([k for k in a if a[k].dtype == torch.uint8]) // 4  # a few rounding flips at most
+
+
+def test_resume_is_exact(tmp_path, tiny_llama_dir):
+    """A run resumed from its step-2 checkpoint ends where the uninterrupted run ends (nncf state and the
+    elastic sampler travel in the checkpoint)."""
+    path = recipe(tmp_path, tiny_llama_dir, "lora", max_steps=4, save_strategy="steps", save_steps=2)
+    extra = ("--set", "adapter.method=elastic", "--set", "adapter.r=8", "--set", f"adapter.elastic={NLS_SPACE}",
+             "--set", "model.quantization={method: nncf_int4, group_size: 32}")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run(train_args(path, full, "single", *extra, match_two_processes=False))
+    state = torch.load(full / "checkpoint-2" / "flexrank_controller.pt", weights_only=False)
+    assert {"nncf_config", "nncf_state_dict", "seed", "config"} <= set(state)
+    run(train_args(path, resumed, "single", *extra, "--set", f"training.resume_from_checkpoint={full}/checkpoint-2",
+                   match_two_processes=False))
+    assert metrics(resumed)["train"]["resumed_from"]
+    assert metrics(resumed)["train"]["losses"] == pytest.approx(metrics(full)["train"]["losses"], abs=1e-6)
+    a, b = (quant_nncf.load_int4(o / "int4_model" / "model.pt").state_dict() for o in (full, resumed))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
