@@ -3,12 +3,13 @@ the stripped INT4 export, recipe validation, and DDP against a single process.""
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("nncf")
 
 from dist_helpers import metrics, recipe, run, train_args  # noqa: E402
 
-from flexrank.trainer import quant_nncf  # noqa: E402
+from flexrank.trainer import checkpoints, quant_nncf  # noqa: E402
 from flexrank.trainer.config import load_config  # noqa: E402
 from flexrank.trainer.errors import ConfigError  # noqa: E402
 
@@ -152,6 +153,10 @@ def test_resume_is_exact(tmp_path, tiny_llama_dir):
     run(train_args(path, full, "single", *extra, match_two_processes=False))
     state = torch.load(full / "checkpoint-2" / "flexrank_controller.pt", weights_only=False)
     assert {"nncf_config", "nncf_state_dict", "seed", "config"} <= set(state)
+    # The Trainer's model file holds the hook parameters too; drop them, so the nncf state must come from ours.
+    model_file = full / "checkpoint-2" / "model.safetensors"
+    save_file({k: v for k, v in load_file(model_file).items() if "__nncf_hooks" not in k}, model_file)
+    checkpoints.mark_complete(model_file.parent, checkpoints.meta(model_file.parent))
     run(train_args(path, resumed, "single", *extra, "--set", f"training.resume_from_checkpoint={full}/checkpoint-2",
                    match_two_processes=False))
     assert metrics(resumed)["train"]["resumed_from"]
