@@ -280,7 +280,8 @@ def train(cfg: RunConfig) -> dict:
         print(f"[flexrank] after training: {_summary(metrics['after'])}")
     (out / "config.yaml").write_text(dump_config(cfg))
     write_json(out / "metrics.json", metrics)
-    print(f"[flexrank] wrote {out}/adapter, {out}/metrics.json, {out}/config.yaml")
+    model_dir = quant_nncf.INT4_DIR if nncf_int4 else "adapter"
+    print(f"[flexrank] wrote {out}/{model_dir}, {out}/metrics.json, {out}/config.yaml")
     return metrics
 
 
