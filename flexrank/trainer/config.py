@@ -33,7 +33,12 @@ class _Section(BaseModel):
 
 
 class QuantizationConfig(_Section):
-    """bitsandbytes 4-bit (QLoRA). quant_storage other than uint8 lets FSDP/ZeRO-3 shard the packed weights."""
+    """bitsandbytes 4-bit (QLoRA; quant_storage other than uint8 lets FSDP/ZeRO-3 shard the packed weights), or
+    nncf INT4 quantization-aware training (`method: nncf_int4`: mode, group_size, backup; see quant_nncf.py)."""
+    method: Literal["bitsandbytes", "nncf_int4"] = "bitsandbytes"
+    mode: Literal["int4_asym", "int4_sym"] = "int4_asym"
+    group_size: int = Field(64, gt=0)
+    backup: Literal["none", "int8"] = "none"  # none: embeddings/lm_head stay float (no C++ extension build)
     load_in_4bit: Literal[True] = True
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
@@ -244,7 +249,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _combinations(self):
-        quantized = self.model.quantization is not None
+        self._nncf_combinations()
+        quantized = self.model.quantization is not None and self.model.quantization.method == "bitsandbytes"
         if quantized and self.adapter.sparsity:
             raise ConfigError("adapter.sparsity", self.adapter.sparsity.method, "no sparsity with a 4-bit base",
                               "Wanda prunes full-precision weights: drop model.quantization or adapter.sparsity")
@@ -266,6 +272,22 @@ class RunConfig(_Section):
             raise ConfigError("data.packing", True, "false with model.task_type seq_cls",
                               "packing applies to causal_lm only")
         return self
+
+    def _nncf_combinations(self):
+        q = self.model.quantization
+        if q is None or q.method != "nncf_int4":
+            return
+        if self.adapter.method not in ("lora", "elastic"):
+            raise ConfigError("adapter.method", self.adapter.method, "lora (FQ_LORA) or elastic (FQ_LORA_NLS) with "
+                              "model.quantization.method nncf_int4")
+        if self.adapter.sparsity:
+            raise ConfigError("adapter.sparsity", self.adapter.sparsity.method, "no sparsity with nncf_int4")
+        if self.distributed.backend not in ("single", "ddp"):
+            raise ConfigError("distributed.backend", self.distributed.backend, "single or ddp with nncf_int4",
+                              "nncf's quantizer hooks are tested on whole (unsharded) weights only; FSDP2/ZeRO "
+                              "shard the weights the hooks read")
+        if self.model.task_type != "causal_lm":
+            raise ConfigError("model.task_type", self.model.task_type, "causal_lm with nncf_int4")
 
 
 TRAINING_DEFAULTS = {

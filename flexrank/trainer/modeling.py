@@ -18,8 +18,12 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _bitsandbytes(cfg: ModelConfig) -> bool:
+    return cfg.quantization is not None and cfg.quantization.method == "bitsandbytes"
+
+
 def _quantization(cfg: ModelConfig):
-    if cfg.quantization is None:
+    if not _bitsandbytes(cfg):  # nncf_int4 quantizes after loading (quant_nncf.py)
         return {}
     from transformers import BitsAndBytesConfig
 
@@ -69,7 +73,7 @@ def load_base_model(cfg: ModelConfig, tokenizer, log=print):
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.quantization is not None:
+    if _bitsandbytes(cfg):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:

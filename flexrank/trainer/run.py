@@ -222,9 +222,17 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
         if _is_main_process():  # the adapter belongs to this pruned base: keep it, for export and serving
             model.save_pretrained(out / SPARSE_BASE)
             tokenizer.save_pretrained(out / SPARSE_BASE)
-    peft_model = apply_adapter(model, cfg.adapter, cfg.model.task_type)
+    nncf_int4 = _uses_nncf(cfg)
+    if nncf_int4:  # INT4 QAT: adapters live in nncf's weight quantizers, not in peft
+        from . import quant_nncf
+
+        trace_sample = eval_collator([train_set[0]])
+        peft_model = quant_nncf.compress(model, cfg, trace_sample)
+        controller = quant_nncf.build_controller(cfg, peft_model, _steps_per_epoch(cfg, len(train_set)))
+    else:
+        peft_model = apply_adapter(model, cfg.adapter, cfg.model.task_type)
+        controller = build_controller(cfg, peft_model, _steps_per_epoch(cfg, len(train_set)))
     metrics["parameters"] = count_parameters(peft_model)
-    controller = build_controller(cfg, peft_model, _steps_per_epoch(cfg, len(train_set)))
 
     if cfg.eval.before:
         metrics["before"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
@@ -245,7 +253,7 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     main = trainer.is_world_process_zero()
     full_state = full_state_dict(trainer)  # gathered from ZeRO-3 / FSDP2 shards; a collective
 
-    if main and controller is not None:  # the whole rank-controlled adapter (all ranks, gates), for later export
+    if main and controller is not None and not nncf_int4:  # the whole rank-controlled adapter (all ranks, gates), for later export
         save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=full_state).items()},
                   _ensure(out / "supernet") / "adapter_model.safetensors")
         peft_model.peft_config["default"].save_pretrained(out / "supernet")
@@ -264,11 +272,14 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     elif cfg.eval.after:
         metrics["after"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
     if main:
-        try:
-            metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
-        except NothingToExport as exc:  # training itself finished: keep its metrics and rank report
-            print(f"[flexrank] no adapter written: {exc}")
-            metrics["export"] = {"error": str(exc), "modules": 0, "total_rank": 0, "params": 0, "rank_pattern": {}}
+        if nncf_int4:  # the INT4 model with the (export subnet's) adapters absorbed
+            metrics["export"] = quant_nncf.export_int4(peft_model, tokenizer, out, {"input_ids": trace_sample["input_ids"]})
+        else:
+            try:
+                metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
+            except NothingToExport as exc:  # training itself finished: keep its metrics and rank report
+                print(f"[flexrank] no adapter written: {exc}")
+                metrics["export"] = {"error": str(exc), "modules": 0, "total_rank": 0, "params": 0, "rank_pattern": {}}
         if isinstance(controller, (SoRAController, AdaLoRAController)):
             ranks = metrics["export"]["rank_pattern"]
             every = {n.removeprefix("base_model.model."): 0 for n in controller.layers}  # pruned modules: rank 0
@@ -283,8 +294,13 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
         print(f"[flexrank] after training: {_summary(metrics['after'])}")
     (out / "config.yaml").write_text(dump_config(cfg))
     write_json(out / "metrics.json", metrics)
-    print(f"[flexrank] wrote {out}/adapter, {out}/metrics.json, {out}/config.yaml")
+    model_dir = quant_nncf.INT4_DIR if nncf_int4 else "adapter"
+    print(f"[flexrank] wrote {out}/{model_dir}, {out}/metrics.json, {out}/config.yaml")
     return metrics
+
+
+def _uses_nncf(cfg: RunConfig) -> bool:
+    return cfg.model.quantization is not None and cfg.model.quantization.method == "nncf_int4"
 
 
 def _ensure(folder: Path) -> Path:
