@@ -148,6 +148,15 @@ def searched(elastic_run):
     return elastic_run
 
 
+def test_the_elastic_controller_records_each_steps_training_loss(elastic_run):
+    import torch
+
+    state = torch.load(elastic_run / "supernet" / "flexrank_controller.pt", weights_only=False)
+    logged = json.loads((elastic_run / "metrics.json").read_text())["train"]["losses"]  # logging_steps: 1
+    assert sorted(state["losses"]) == list(range(8))
+    assert [state["losses"][s] for s in range(8)] == pytest.approx(logged, abs=1e-3)
+
+
 def test_search_writes_its_outputs_and_the_chosen_subnet_exports(searched, tmp_path):
     rows = _rows(searched)
     baselines = [r["source"] for r in rows if r["generation"] == "baseline"]
