@@ -3,6 +3,8 @@
 import argparse
 import json
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--subnet", action="append", help="subnet(s) to evaluate (elastic runs)")
     _add_slurm_parser(sub)
+    p = sub.add_parser("search", help="NSGA-II search over an elastic run's subnets (metric vs cost), into RUN_DIR/search")
+    p.add_argument("run_dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="search.KEY=VALUE",
+                   help="override a search setting, e.g. --set search.num_evals=200 (repeatable)")
+    p.add_argument("--nproc", type=int, help="processes splitting the subnets (re-launches through accelerate, DDP)")
     return parser
 
 
@@ -67,6 +74,13 @@ def _add_slurm_parser(sub) -> None:
 
 
 def _subnet_arg(value: str):
+    if value.endswith(".json") and not value.strip().startswith("{"):
+        # A search result (search_best.json: {"config": {...}, ...}) or a plain {group: width} file.
+        try:
+            data = json.loads(Path(value).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError("--subnet", value, "a readable JSON file with a {group: width} subnet", str(exc))
+        return data["config"] if isinstance(data, dict) and isinstance(data.get("config"), dict) else data
     if value.strip().startswith("{"):
         try:
             return json.loads(value)
@@ -190,11 +204,35 @@ def _slurm(args) -> int:
                            shlex.split(args.train), args.submit)
     slurm.collect(Path(args.sweep_dir))
     print((Path(args.sweep_dir) / "results.md").read_text(), end="")
+
+
+def _search(args) -> int:
+    from .launch import format_command, in_launched_process, launch_command
+    from ..trainer.config import DistributedConfig
+    from ..trainer.elastic.search import load_search_config, search
+
+    load_search_config(Path(args.run_dir), args.overrides)  # refuse bad input before starting any process
+    if args.nproc and args.nproc > 1 and not in_launched_process():
+        with socket.socket() as s:  # a free rendezvous port: several searches may run on one machine
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist = DistributedConfig(backend="ddp", nproc=args.nproc, main_process_port=port)
+        cmd, env = launch_command(dist, ["search", args.run_dir] + [a for o in args.overrides for a in ("--set", o)])
+        print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
+        return subprocess.run(cmd, env={**os.environ, **env}).returncode
+    if in_launched_process():
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())  # the process group the search splits subnets over
+    search(args.run_dir, args.overrides)
+    if in_launched_process():
+        _exit_distributed()
     return 0
 
 
 COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _export, "eval": _eval,
-            "slurm": _slurm}
+            "slurm": _slurm, "search": _search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,12 +239,31 @@ class DistributedConfig(_Section):
         return self
 
 
+class SearchConfig(_Section):
+    """`flexrank search` over an elastic run (NSGA-II, as NNCF BootstrapNAS). Unset keys come from the NNCF
+    JSON's bootstrapNAS.search section when the run has one, else NNCF's defaults (flexrank/trainer/elastic/search.py)."""
+    num_evals: int | None = Field(None, gt=0)
+    population: int | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0)
+    ref_acc: float | None = None      # -1 or unset: the maximal subnet's metric
+    acc_delta: float | None = Field(None, ge=0)
+    crossover_prob: float | None = Field(None, ge=0, le=1)
+    crossover_eta: float | None = Field(None, gt=0)
+    mutation_prob: float | None = Field(None, ge=0, le=1)
+    mutation_eta: float | None = Field(None, gt=0)
+    metric: Literal["auto", "loss"] = "auto"      # auto: exact match / accuracy where the task has one
+    eval_size: int | None = Field(None, gt=0)    # held-out records per evaluation
+    eval_offset: int = Field(0, ge=0)            # first held-out record the search uses
+    test_size: int = Field(0, ge=0)              # held-out records after the search's, to re-check the best
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     training: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -61,6 +61,7 @@ class FlexTrainer(PortableResume, Trainer):
         for index in range(self.controller.passes(step)):
             self.controller.before_pass(step, index)
             losses.append(super().training_step(model, inputs, num_items_in_batch))
+        self.controller.record_loss(step, losses)
         return torch.stack(losses).mean()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

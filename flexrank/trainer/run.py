@@ -313,12 +313,12 @@ def _summary(m: dict) -> str:
     return ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
 
 
-def load_run(run_dir: str | Path):
-    """(cfg, tokenizer, peft_model, controller) of a finished run, for export and evaluation."""
+def load_run(run_dir: str | Path, overrides: list[str] = ()):
+    """(cfg, tokenizer, peft_model, controller) of a finished run, for export, evaluation and search."""
     from peft import PeftModel
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     if (run_dir / SPARSE_BASE).exists():
         cfg.model.name_or_path = str(run_dir / SPARSE_BASE)
     tokenizer = load_tokenizer(cfg.model)

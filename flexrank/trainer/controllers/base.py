@@ -30,6 +30,9 @@ class RankController:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once with the optimizer the Trainer built (before DeepSpeed wraps it): hooks go here."""
 
+    def record_loss(self, step: int, losses: list[torch.Tensor]) -> None:
+        """The detached training losses of one micro-batch of step `step`, one per pass, on this process."""
+
     def on_final_gradients(self) -> None:
         """Runs once per optimizer step when its gradients are final (accumulated, averaged over processes),
         before the optimizer uses them; on every process (gathering sharded values is a collective)."""

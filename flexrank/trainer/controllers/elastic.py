@@ -1,5 +1,8 @@
 """Elastic LoRA supernet (LoNAS / Shears NLS): a nested sub-rank per module group, sampled per optimizer step."""
 
+import torch
+import torch.distributed as dist
+
 from ..rank_layer import RankLoraLinear
 from ..search_space import SearchSpace
 from .base import RankController
@@ -15,6 +18,10 @@ class ElasticController(RankController):
         self.config: dict[str, int] = space.maximal()
         self.activate(self.config)
         self.history: dict[int, dict[str, int]] = {}  # optimizer step -> sampled subnet (logged by the trainer)
+        # Training loss of each optimizer step's sampled subnet (NNCF NLS's loss_recorder): the search ranks
+        # configurations by it. Summed over micro-batches here, averaged over processes when the step ends.
+        self.losses: dict[int, float | torch.Tensor] = {}  # tensors until read (no device sync per step)
+        self._step_loss: dict[int, torch.Tensor] = {}
 
     def subnet(self, which: str | dict) -> dict[str, int]:
         """A named subnet (maximal / heuristic / minimal) or an explicit {group: width}, validated."""
@@ -37,15 +44,35 @@ class ElasticController(RankController):
         self.activate((["maximal", "minimal"] + [sampled])[pass_index] if self.sandwich else sampled)
         self.history[step] = sampled
 
+    def record_loss(self, step: int, losses: list[torch.Tensor]) -> None:
+        # The last pass is the sampled subnet (a sandwich step runs maximal, minimal, then sampled).
+        loss = losses[-1].detach().float()
+        self._step_loss[step] = self._step_loss[step] + loss if step in self._step_loss else loss
+
+    def after_optimizer_step(self, step: int) -> None:
+        loss = self._step_loss.pop(step, None)
+        if loss is None:
+            return
+        if dist.is_available() and dist.is_initialized():  # every process runs this hook: a collective is safe
+            dist.all_reduce(loss)
+            loss = loss / dist.get_world_size()
+        self.losses[step] = loss
+
+    def step_losses(self) -> dict[int, float]:
+        """Optimizer step -> training loss of the subnet sampled at that step (averaged over processes)."""
+        self.losses = {k: float(v) for k, v in self.losses.items()}
+        return dict(self.losses)
+
     def log_metrics(self) -> dict[str, float]:
         widths = list(self.config.values())
         return {"elastic/active_rank": float(self.active_rank()),
                 "elastic/mean_group_width": sum(widths) / max(len(widths), 1)}
 
     def state_dict(self) -> dict:
-        # Sampling is a pure function of (seed, step): the seed and the active config are all there is.
-        return {"seed": self.seed, "config": dict(self.config)}
+        # Sampling is a pure function of (seed, step): the seed, the active config and the losses are all there is.
+        return {"seed": self.seed, "config": dict(self.config), "losses": self.step_losses()}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = state["seed"]
+        self.losses = dict(state.get("losses", {}))  # absent in states written before losses were recorded
         self.activate(state["config"])
