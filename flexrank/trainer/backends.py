@@ -71,20 +71,24 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def zero3_init_as_configured():
+def zero3_init_as_configured(args):
     """Load the model with DeepSpeed's zero.Init only when the launch asked for it (zero3_init_flag).
     transformers turns zero.Init on for every from_pretrained once TrainingArguments carry a ZeRO-3 config,
-    whatever accelerate's flag says; with it off, each process loads the model and the engine partitions it."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+    whatever accelerate's flag says; with it off, each process loads the model and the engine partitions it.
+    Public APIs only: transformers' unset_hf_deepspeed_config, then the DeepSpeed plugin of `args` (TrainingArguments)
+    sets its config again as TrainingArguments did (set_deepspeed_weakref)."""
+    from transformers.integrations import unset_hf_deepspeed_config
 
+    plugin = getattr(args, "deepspeed_plugin", None)
     wanted = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true"
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    if not wanted:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    if plugin is None or wanted:
+        yield
+        return
+    unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        plugin.set_deepspeed_weakref()
 
 
 @contextmanager
@@ -111,24 +115,40 @@ def full_values_and_grads(params: list[torch.Tensor]) -> list[tuple[torch.Tensor
     return [(_full(p.detach()), None if p.grad is None else _full(p.grad)) for p in params]
 
 
-def call_when_gradients_are_final(trainer, optimizer, fn) -> None:
-    """Run fn() once per optimizer step, when that step's gradients are final and readable, before the optimizer
-    uses them. DeepSpeed fuses backward and step inside accelerate's engine wrapper and zeroes the gradients in
-    its step, so there fn runs at the start of the engine's step; elsewhere it is an optimizer pre-step hook."""
+def stepping_optimizers(trainer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers whose step() really updates the trained tensors, once training has begun (the Trainer's
+    optimizer is only a client: accelerate wraps it, and under DeepSpeed ZeRO steps its own optimizer on fp32 master
+    partitions, one param group at a time). With ZeRO offload_optimizer, accelerate (map_pytorch_optim_to_deepspeed)
+    replaces the Trainer's optimizer by a new DeepSpeedCPUAdam built from its param groups unless the DeepSpeed
+    config says `zero_force_ds_cpu_optimizer: false`, so hooks placed on the Trainer's optimizer would never run.
+    Partial offload adds a `backup_optimizer` for the groups left on the accelerator."""
+    if trainer.is_deepspeed_enabled:
+        zero = trainer.model_wrapped.optimizer  # DeepSpeed's ZeRO / bf16 optimizer, around the stepping one
+        found = [getattr(zero, "optimizer", zero), getattr(zero, "backup_optimizer", None)]
+    else:
+        found = [getattr(trainer.optimizer, "optimizer", trainer.optimizer)]  # inside accelerate's wrapper
+    found = [o for o in found if isinstance(o, torch.optim.Optimizer)]
+    if not found:
+        raise RuntimeError(f"[flexrank] no torch optimizer found inside {type(trainer.optimizer).__name__} "
+                           f"({backend_of(trainer)}): the rank controller's optimizer hooks cannot be attached")
+    return found
+
+
+def call_when_gradients_are_final(trainer, fn) -> callable:
+    """Once training has begun, run fn() once per optimizer step, when that step's gradients are final and
+    readable, before the optimizer uses them. DeepSpeed fuses backward and step inside accelerate's engine wrapper
+    (DeepSpeedEngineWrapper.backward calls engine.step()) and zeroes the gradients in its step, so there fn runs at
+    the start of the engine's step (DeepSpeed has no public pre-step hook); elsewhere it is a pre-step hook of the
+    stepping optimizer. Returns a function that undoes it."""
     if not trainer.is_deepspeed_enabled:
-        optimizer.register_step_pre_hook(lambda *args: fn())
-        return
-    from transformers import TrainerCallback
+        handle = stepping_optimizers(trainer)[0].register_step_pre_hook(lambda *args: fn())
+        return handle.remove
+    engine = trainer.model_wrapped
+    step = engine.step
 
-    class _WrapEngineStep(TrainerCallback):  # the engine exists only once training has begun
-        def on_train_begin(self, args, state, control, **kwargs):
-            engine = trainer.model_wrapped
-            step = engine.step
+    def step_after_fn(*a, **kw):
+        fn()
+        return step(*a, **kw)
 
-            def step_after_fn(*a, **kw):
-                fn()
-                return step(*a, **kw)
-
-            engine.step = step_after_fn
-
-    trainer.add_callback(_WrapEngineStep())
+    engine.step = step_after_fn
+    return lambda: vars(engine).pop("step", None)

@@ -52,6 +52,8 @@ class SoRAController(RankController):
                              stage_steps=stage_steps, kind=kind)
         self.num_gates = sum(layer.r[adapter] for layer in layers.values())
         self.step = 0
+        self._hooked: dict[torch.optim.Optimizer, tuple] = {}  # optimizer -> its hook handles
+        self.hook_calls = 0  # optimizer steps in which the L1 hook found the gates
         for layer in layers.values():
             layer.lora_gate[adapter].requires_grad_(True)
 
@@ -72,8 +74,23 @@ class SoRAController(RankController):
         return [group if self.gate_lr is None else {**group, "lr": self.gate_lr}]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._l1_gradient(opt))
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._prox(opt))
+        if optimizer in self._hooked:
+            return
+        self._hooked[optimizer] = (optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._l1_gradient(opt)),
+                                   optimizer.register_step_post_hook(lambda opt, args, kwargs: self._prox(opt)))
+
+    def attachment_problem(self, optimizers: list[torch.optim.Optimizer]) -> str | None:
+        carrying = [o for o in optimizers if any(g.get(PROX_GROUP) for g in o.param_groups)]
+        names = ", ".join(type(o).__name__ for o in optimizers)
+        if not carrying:
+            return (f"SoRA's gate param group is not in the optimizer that steps ({names}); was the optimizer "
+                    "built elsewhere (e.g. an `optimizer` section in the DeepSpeed config)?")
+        if any(o not in self._hooked for o in carrying):
+            return f"SoRA's L1/prox hooks are not attached to the optimizer that steps ({names})"
+        return None
+
+    def optimizer_hook_calls(self) -> int:
+        return self.hook_calls
 
     def _gate_tensors(self, optimizer):
         """(group, values, grad) for every tensor of the gate group: local shards of FSDP2 DTensors."""
@@ -85,7 +102,10 @@ class SoRAController(RankController):
 
     @torch.no_grad()
     def _l1_gradient(self, optimizer) -> None:
-        for _, p, grad in self._gate_tensors(optimizer):
+        # ZeRO steps one param group per optimizer.step() call: the gate group is empty in all calls but one.
+        gates = list(self._gate_tensors(optimizer))
+        self.hook_calls += bool(gates)
+        for _, p, grad in gates:
             if grad is not None:
                 grad.add_(torch.sign(p), alpha=self.sparse_lambda / self.num_gates)
 
