@@ -1,10 +1,17 @@
 """The one place that knows how distributed backends differ at run time: the CPU shims used for tests on
-machines without a GPU (never active when CUDA is present), gathering sharded parameters and gradients, and
-where a step's gradients are final. Launch commands are built in flexrank.launcher.launch.
+machines without a GPU (never active when CUDA is present), gathering sharded parameters and gradients, the
+optimizer that really steps, and where a step's gradients are final. Launch commands are built in
+flexrank.launcher.launch.
+
+It is also the one module that touches private or undocumented internals of accelerate, DeepSpeed and transformers
+(where no public API does the job); `private_api_problems()` checks each against the installed versions and
+tests/test_internals.py fails, naming the dependency and its version, when one changes.
 """
 
+import inspect
 import os
 from contextlib import contextmanager
+from importlib.metadata import version
 
 import torch
 
@@ -152,3 +159,38 @@ def call_when_gradients_are_final(trainer, fn) -> callable:
 
     engine.step = step_after_fn
     return lambda: vars(engine).pop("step", None)
+
+
+def private_api_problems() -> list[str]:
+    """One line per private or undocumented accelerate / DeepSpeed internal used above that is not as this module
+    expects in the installed versions (empty when all are). Source checks are deliberate: these internals have no
+    contract, so what is checked is exactly the behaviour relied on."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.utils import mixed_precision_linkage
+
+    problems = []
+
+    def expect(dependency: str, holds: bool, what: str, used_by: str) -> None:
+        if not holds:
+            problems.append(f"{dependency} {version(dependency)}: {what} no longer holds (used by backends.{used_by})")
+
+    expect("accelerate", list(inspect.signature(PartialState._prepare_backend).parameters)
+           == ["self", "cpu", "sagemaker_dp", "backend"],
+           "PartialState._prepare_backend(self, cpu, sagemaker_dp, backend) -> (backend, distributed_type)",
+           "apply_cpu_shims")
+    expect("accelerate", "fsdp_plugin" in inspect.signature(AcceleratorState.__init__).parameters,
+           "AcceleratorState.__init__ takes fsdp_plugin and sets distributed_type", "apply_cpu_shims")
+    expect("accelerate", "self.engine.step()" in inspect.getsource(DeepSpeedEngineWrapper.backward),
+           "DeepSpeedEngineWrapper.backward steps the DeepSpeed engine", "call_when_gradients_are_final")
+    expect("deepspeed", callable(vars(DeepSpeedEngine).get("step")), "DeepSpeedEngine.step is the engine's step",
+           "call_when_gradients_are_final")
+    for cls in (DeepSpeedZeroOptimizer_Stage3, DeepSpeedZeroOptimizer):
+        expect("deepspeed", "self.optimizer = init_optimizer" in inspect.getsource(cls.__init__),
+               f"{cls.__name__}.optimizer is the optimizer ZeRO steps", "stepping_optimizers")
+    expect("deepspeed", "_hp_mapping" in inspect.getsource(mixed_precision_linkage),
+           "ZeRO-1/2 parameters carry _hp_mapping", "full_values_and_grads")
+    return problems
