@@ -76,7 +76,7 @@ class _CompleteCheckpoints(TrainerCallback):
         trainer = self.trainer
         run_dir = Path(args.output_dir)
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not folder.is_dir():  # e.g. a hyper-parameter search trial folder, which flexrank does not use
+        if args.should_save and not folder.is_dir():  # e.g. a hyper-parameter search trial, which flexrank has not
             raise RuntimeError(f"[flexrank] the Trainer's checkpoint is not at {folder}")
         if trainer.controller is not None and args.should_save:
             torch.save(trainer.controller.state_dict(), folder / STATE_FILE)
