@@ -1,9 +1,11 @@
 """SoRA (Ding et al. 2023): a learned gate per rank, sparsified by a proximal step after every optimizer update.
 
 The gates get their own optimizer param group. Both the L1 term and the proximal step act inside the optimizer
-step, on the group's own tensors: the gates themselves (single process, DDP), their local DTensor shards (FSDP2)
-or DeepSpeed's fp32 master partitions (ZeRO-2/3), which are what the optimizer really owns and what the model's
-gates are copied from. Both are elementwise, hence shard-local, and need no communication.
+step, as hooks of the optimizer that really steps (attached when training begins: under ZeRO offload it can be a
+DeepSpeedCPUAdam that accelerate built in place of the Trainer's), on the group's own tensors: the gates themselves
+(single process, DDP), their local DTensor shards (FSDP2) or DeepSpeed's fp32 master partitions (ZeRO-2/3, on the
+CPU with offload), which are what the optimizer really owns and what the model's gates are copied from. Both are
+elementwise, hence shard-local, and need no communication.
 
 - L1: before the update, grad += λ/N · sign(g) (N = number of gates): the gradient of λ · mean|g| added to the
   loss, applied once per optimizer step (after gradient clipping, where a loss term would be clipped with the rest).
