@@ -10,6 +10,7 @@ tests/test_internals.py fails, naming the dependency and its version, when one c
 
 import inspect
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from importlib.metadata import version
 
@@ -141,7 +142,7 @@ def stepping_optimizers(trainer) -> list[torch.optim.Optimizer]:
     return found
 
 
-def call_when_gradients_are_final(trainer, fn) -> callable:
+def call_when_gradients_are_final(trainer, fn: Callable[[], None]) -> Callable[[], None]:
     """Once training has begun, run fn() once per optimizer step, when that step's gradients are final and
     readable, before the optimizer uses them. DeepSpeed fuses backward and step inside accelerate's engine wrapper
     (DeepSpeedEngineWrapper.backward calls engine.step()) and zeroes the gradients in its step, so there fn runs at
