@@ -26,7 +26,7 @@ from flexrank.trainer.flex_trainer import FlexTrainer
 from flexrank.trainer.rank_layer import rank_layers, register_rank_layer
 
 
-def offload_config(tmp, base: str, **extra) -> str:
+def offload_config(tmp, base: str) -> str:
     """A test variant of a shipped DeepSpeed config: tiny LoRA tensors partitioned too (ZeRO-3 threshold 0),
     optimizer offloaded to the CPU."""
     cfg = json.loads((ROOT / "ds_configs" / base).read_text())
@@ -34,7 +34,6 @@ def offload_config(tmp, base: str, **extra) -> str:
     zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": False})
     if zero["stage"] == 3:
         zero["stage3_param_persistence_threshold"] = 0
-    cfg.update(extra)
     path = tmp / f"test_{base}"
     path.write_text(json.dumps(cfg))
     return f"distributed.deepspeed_config={path}"
