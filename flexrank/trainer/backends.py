@@ -1,10 +1,18 @@
 """The one place that knows how distributed backends differ at run time: the CPU shims used for tests on
-machines without a GPU (never active when CUDA is present), gathering sharded parameters and gradients, and
-where a step's gradients are final. Launch commands are built in flexrank.launcher.launch.
+machines without a GPU (never active when CUDA is present), gathering sharded parameters and gradients, the
+optimizer that really steps, and where a step's gradients are final. Launch commands are built in
+flexrank.launcher.launch.
+
+It is also the one module that touches private or undocumented internals of accelerate, DeepSpeed and transformers
+(where no public API does the job); `private_api_problems()` checks each against the installed versions and
+tests/test_internals.py fails, naming the dependency and its version, when one changes.
 """
 
+import inspect
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
+from importlib.metadata import version
 
 import torch
 
@@ -71,20 +79,24 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def zero3_init_as_configured():
+def zero3_init_as_configured(args):
     """Load the model with DeepSpeed's zero.Init only when the launch asked for it (zero3_init_flag).
     transformers turns zero.Init on for every from_pretrained once TrainingArguments carry a ZeRO-3 config,
-    whatever accelerate's flag says; with it off, each process loads the model and the engine partitions it."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+    whatever accelerate's flag says; with it off, each process loads the model and the engine partitions it.
+    Public APIs only: transformers' unset_hf_deepspeed_config, then the DeepSpeed plugin of `args` (TrainingArguments)
+    sets its config again as TrainingArguments did (set_deepspeed_weakref)."""
+    from transformers.integrations import unset_hf_deepspeed_config
 
+    plugin = getattr(args, "deepspeed_plugin", None)
     wanted = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true"
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    if not wanted:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    if plugin is None or wanted:
+        yield
+        return
+    unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        plugin.set_deepspeed_weakref()
 
 
 @contextmanager
@@ -111,24 +123,81 @@ def full_values_and_grads(params: list[torch.Tensor]) -> list[tuple[torch.Tensor
     return [(_full(p.detach()), None if p.grad is None else _full(p.grad)) for p in params]
 
 
-def call_when_gradients_are_final(trainer, optimizer, fn) -> None:
-    """Run fn() once per optimizer step, when that step's gradients are final and readable, before the optimizer
-    uses them. DeepSpeed fuses backward and step inside accelerate's engine wrapper and zeroes the gradients in
-    its step, so there fn runs at the start of the engine's step; elsewhere it is an optimizer pre-step hook."""
+def stepping_optimizers(trainer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers whose step() really updates the trained tensors, once training has begun (the Trainer's
+    optimizer is only a client: accelerate wraps it, and under DeepSpeed ZeRO steps its own optimizer on fp32 master
+    partitions, one param group at a time). With ZeRO offload_optimizer, accelerate (map_pytorch_optim_to_deepspeed)
+    replaces the Trainer's optimizer by a new DeepSpeedCPUAdam built from its param groups unless the DeepSpeed
+    config says `zero_force_ds_cpu_optimizer: false`, so hooks placed on the Trainer's optimizer would never run.
+    Partial offload adds a `backup_optimizer` for the groups left on the accelerator."""
+    if trainer.is_deepspeed_enabled:
+        zero = trainer.model_wrapped.optimizer  # DeepSpeed's ZeRO / bf16 optimizer, around the stepping one
+        found = [getattr(zero, "optimizer", zero), getattr(zero, "backup_optimizer", None)]
+    else:
+        found = [getattr(trainer.optimizer, "optimizer", trainer.optimizer)]  # inside accelerate's wrapper
+    found = [o for o in found if isinstance(o, torch.optim.Optimizer)]
+    if not found:
+        raise RuntimeError(f"[flexrank] no torch optimizer found inside {type(trainer.optimizer).__name__} "
+                           f"({backend_of(trainer)}): the rank controller's optimizer hooks cannot be attached")
+    return found
+
+
+def call_when_gradients_are_final(trainer, fn: Callable[[], None]) -> Callable[[], None]:
+    """Once training has begun, run fn() once per optimizer step, when that step's gradients are final and
+    readable, before the optimizer uses them. DeepSpeed fuses backward and step inside accelerate's engine wrapper
+    (DeepSpeedEngineWrapper.backward calls engine.step()) and zeroes the gradients in its step, so there fn runs at
+    the start of the engine's step (DeepSpeed has no public pre-step hook); elsewhere it is a pre-step hook of the
+    stepping optimizer. Returns a function that undoes it."""
     if not trainer.is_deepspeed_enabled:
-        optimizer.register_step_pre_hook(lambda *args: fn())
-        return
-    from transformers import TrainerCallback
+        handle = stepping_optimizers(trainer)[0].register_step_pre_hook(lambda *args: fn())
+        return handle.remove
+    engine = trainer.model_wrapped
+    step = engine.step
 
-    class _WrapEngineStep(TrainerCallback):  # the engine exists only once training has begun
-        def on_train_begin(self, args, state, control, **kwargs):
-            engine = trainer.model_wrapped
-            step = engine.step
+    def step_after_fn(*a, **kw):
+        fn()
+        return step(*a, **kw)
 
-            def step_after_fn(*a, **kw):
-                fn()
-                return step(*a, **kw)
+    engine.step = step_after_fn
+    return lambda: vars(engine).pop("step", None)
 
-            engine.step = step_after_fn
 
-    trainer.add_callback(_WrapEngineStep())
+def private_api_problems() -> list[str]:
+    """One line per private or undocumented accelerate / DeepSpeed internal used above that is not as this module
+    expects in the installed versions (empty when all are). Source checks are deliberate: these internals have no
+    contract, so what is checked is exactly the behaviour relied on."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.utils import mixed_precision_linkage
+
+    problems = []
+
+    def source(obj) -> str:
+        try:
+            return inspect.getsource(obj)
+        except (OSError, TypeError):  # replaced by something without a source file
+            return ""
+
+    def expect(dependency: str, holds: bool, what: str, used_by: str) -> None:
+        if not holds:
+            problems.append(f"{dependency} {version(dependency)}: {what} no longer holds (used by backends.{used_by})")
+
+    expect("accelerate", list(inspect.signature(PartialState._prepare_backend).parameters)
+           == ["self", "cpu", "sagemaker_dp", "backend"],
+           "PartialState._prepare_backend(self, cpu, sagemaker_dp, backend) -> (backend, distributed_type)",
+           "apply_cpu_shims")
+    expect("accelerate", "fsdp_plugin" in inspect.signature(AcceleratorState.__init__).parameters,
+           "AcceleratorState.__init__ takes fsdp_plugin and sets distributed_type", "apply_cpu_shims")
+    expect("accelerate", "self.engine.step()" in source(DeepSpeedEngineWrapper.backward),
+           "DeepSpeedEngineWrapper.backward steps the DeepSpeed engine", "call_when_gradients_are_final")
+    expect("deepspeed", callable(vars(DeepSpeedEngine).get("step")), "DeepSpeedEngine.step is the engine's step",
+           "call_when_gradients_are_final")
+    for cls in (DeepSpeedZeroOptimizer_Stage3, DeepSpeedZeroOptimizer):
+        expect("deepspeed", "self.optimizer = init_optimizer" in source(cls.__init__),
+               f"{cls.__name__}.optimizer is the optimizer ZeRO steps", "stepping_optimizers")
+    expect("deepspeed", "_hp_mapping" in source(mixed_precision_linkage),
+           "ZeRO-1/2 parameters carry _hp_mapping", "full_values_and_grads")
+    return problems

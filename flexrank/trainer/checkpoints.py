@@ -73,8 +73,9 @@ def latest_complete(run_dir: Path, warn=print, set_aside: bool = True) -> Path |
     return None
 
 
-def rotate(run_dir: Path, keep: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints; older ones (complete or not) are deleted."""
+def rotate(run_dir: Path, keep: int | None, protect: str | Path | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints, and `protect` (the Trainer's best_model_checkpoint, which
+    load_best_model_at_end loads at the end); older ones (complete or not) are deleted."""
     if not keep:
         return
     complete = [p for _, p in _by_step(run_dir) if problem(p) is None]
@@ -82,8 +83,9 @@ def rotate(run_dir: Path, keep: int | None) -> None:
         return
     newest_kept = complete[-keep:]
     oldest_kept_step = int(_STEP.match(newest_kept[0].name).group(1))
+    protected = Path(protect).resolve() if protect else None
     for step, path in _by_step(run_dir):
-        if step < oldest_kept_step:
+        if step < oldest_kept_step and path.resolve() != protected:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -103,10 +103,8 @@ def save(trainer, folder: Path) -> None:
 
 
 class PortableStateCallback(TrainerCallback):
-    """Writes PORTABLE_FILE into each checkpoint. It must run before the step that marks the checkpoint complete,
-    so that the manifest lists the file: register it before a completion callback. While FlexTrainer writes the
-    manifest inside `_save_checkpoint` (which the Trainer calls before on_save), this callback finds a manifest
-    already there and rewrites it (atomically) to include the new file."""
+    """Writes PORTABLE_FILE into each checkpoint. It must run before the callback that marks the checkpoint
+    complete (FlexTrainer adds it first), so that the manifest lists the file."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -114,9 +112,6 @@ class PortableStateCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         save(self.trainer, folder)
-        if args.should_save and (folder / checkpoints.MANIFEST).exists():
-            checkpoints.mark_complete(folder, checkpoints.meta(folder))
-        self.trainer.accelerator.wait_for_everyone()
 
 
 def layout_changed(ckpt: Path, backend: str, world_size: int) -> bool:

@@ -4,7 +4,14 @@
 0/1 buffer that controllers write before a step. It plugs into peft through the custom-module mapping and a
 LoRA variant, so peft's target matching, QLoRA bases (a bnb Linear4bit is an nn.Linear), save/load and merge keep
 working. Masked ranks still take part in the graph, so their gradients are zeros, not None (DDP needs that).
+
+This is the one module that relies on peft internals (no public API registers a custom LoRA layer):
+LoraConfig._register_custom_module, the LoraVariant hooks, peft's BufferDict; `private_api_problems()` checks them
+against the installed peft and tests/test_internals.py fails, naming the version, when one changes.
 """
+
+import inspect
+from importlib.metadata import version
 
 import torch
 from peft import LoraConfig
@@ -142,3 +149,31 @@ def register_rank_layer(config: LoraConfig) -> LoraConfig:
 
 def rank_layers(model: nn.Module) -> dict[str, RankLoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, RankLoraLinear)}
+
+
+def private_api_problems() -> list[str]:
+    """One line per peft internal used here that is not as this module expects in the installed peft (empty when
+    all are)."""
+    problems = []
+
+    def expect(holds: bool, what: str) -> None:
+        if not holds:
+            problems.append(f"peft {version('peft')}: {what} no longer holds (used by flexrank.trainer.rank_layer)")
+
+    expect(callable(getattr(LoraConfig, "_register_custom_module", None)),
+           "LoraConfig._register_custom_module({layer type: LoRA layer type}) registers a custom LoRA layer")
+    resolve = inspect.signature(LoraLinear.resolve_lora_variant).parameters
+    expect("config" in resolve and resolve["config"].kind is inspect.Parameter.KEYWORD_ONLY,
+           "LoraLinear.resolve_lora_variant(self, *, config, **kwargs) chooses the layer's LoRA variant")
+    for hook, params in {"init": ["module", "adapter_name"], "forward": ["module", "active_adapter", "x", "result"],
+                         "merge_safe": ["module", "active_adapter", "orig_weight"],
+                         "merge_unsafe": ["module", "active_adapter", "orig_weight"],
+                         "unmerge": ["module", "active_adapter", "orig_weight"]}.items():
+        fn = getattr(LoraVariant, hook, None)
+        expect(fn is not None and list(inspect.signature(fn).parameters)[:len(params)] == params,
+               f"LoraVariant.{hook}({', '.join(params)}, ...) is a variant hook")
+    expect(isinstance(getattr(LoraLinear, "other_param_names", None), tuple),
+           "LoraLinear.other_param_names lists a layer's extra per-adapter tensors")
+    expect(issubclass(BufferDict, nn.Module) and "persistent" in inspect.signature(BufferDict).parameters,
+           "peft.tuners._buffer_dict.BufferDict(persistent=...) holds per-adapter buffers")
+    return problems

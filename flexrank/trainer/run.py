@@ -209,7 +209,7 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     eval_collator = data_lib.make_collator(tokenizer, False)
     print(f"[flexrank] data: {len(train_set)} train / {len(eval_set)} held-out records ({run_data.kind})")
 
-    with zero3_init_as_configured():
+    with zero3_init_as_configured(args):
         model = load_base_model(cfg.model, tokenizer)
     metrics: dict = {"data": {"train": len(train_set), "eval": len(eval_set)}}
     if cfg.adapter.sparsity:

@@ -28,7 +28,19 @@ class RankController:
         return []
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called once with the optimizer the Trainer built (before DeepSpeed wraps it): hooks go here."""
+        """Called when training begins with each optimizer that really steps (backends.stepping_optimizers: under
+        DeepSpeed not the Trainer's, and with ZeRO offload possibly a DeepSpeedCPUAdam built from its param
+        groups): hooks go here. A second call with the same optimizer must not add the hooks twice."""
+
+    def attachment_problem(self, optimizers: list[torch.optim.Optimizer]) -> str | None:
+        """Why the hooks could not act on these stepping optimizers (e.g. its param group is missing from them),
+        or None when they are in place. Checked when training begins."""
+        return None
+
+    def optimizer_hook_calls(self) -> int | None:
+        """How many optimizer steps its hooks have acted in (None: it has no optimizer hooks). The trainer checks
+        after the first step that they did act, so hooks on an optimizer that never steps fail loudly."""
+        return None
 
     def record_loss(self, step: int, losses: list[torch.Tensor]) -> None:
         """The detached training losses of one micro-batch of step `step`, one per pass, on this process."""

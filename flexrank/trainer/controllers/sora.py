@@ -1,9 +1,11 @@
 """SoRA (Ding et al. 2023): a learned gate per rank, sparsified by a proximal step after every optimizer update.
 
 The gates get their own optimizer param group. Both the L1 term and the proximal step act inside the optimizer
-step, on the group's own tensors: the gates themselves (single process, DDP), their local DTensor shards (FSDP2)
-or DeepSpeed's fp32 master partitions (ZeRO-2/3), which are what the optimizer really owns and what the model's
-gates are copied from. Both are elementwise, hence shard-local, and need no communication.
+step, as hooks of the optimizer that really steps (attached when training begins: under ZeRO offload it can be a
+DeepSpeedCPUAdam that accelerate built in place of the Trainer's), on the group's own tensors: the gates themselves
+(single process, DDP), their local DTensor shards (FSDP2) or DeepSpeed's fp32 master partitions (ZeRO-2/3, on the
+CPU with offload), which are what the optimizer really owns and what the model's gates are copied from. Both are
+elementwise, hence shard-local, and need no communication.
 
 - L1: before the update, grad += λ/N · sign(g) (N = number of gates): the gradient of λ · mean|g| added to the
   loss, applied once per optimizer step (after gradient clipping, where a loss term would be clipped with the rest).
@@ -52,6 +54,8 @@ class SoRAController(RankController):
                              stage_steps=stage_steps, kind=kind)
         self.num_gates = sum(layer.r[adapter] for layer in layers.values())
         self.step = 0
+        self._hooked: dict[torch.optim.Optimizer, tuple] = {}  # optimizer -> its hook handles
+        self.hook_calls = 0  # optimizer steps in which the L1 hook found the gates
         for layer in layers.values():
             layer.lora_gate[adapter].requires_grad_(True)
 
@@ -72,8 +76,23 @@ class SoRAController(RankController):
         return [group if self.gate_lr is None else {**group, "lr": self.gate_lr}]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._l1_gradient(opt))
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._prox(opt))
+        if optimizer in self._hooked:
+            return
+        self._hooked[optimizer] = (optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._l1_gradient(opt)),
+                                   optimizer.register_step_post_hook(lambda opt, args, kwargs: self._prox(opt)))
+
+    def attachment_problem(self, optimizers: list[torch.optim.Optimizer]) -> str | None:
+        carrying = [o for o in optimizers if any(g.get(PROX_GROUP) for g in o.param_groups)]
+        names = ", ".join(type(o).__name__ for o in optimizers)
+        if not carrying:
+            return (f"SoRA's gate param group is not in the optimizer that steps ({names}); was the optimizer "
+                    "built elsewhere (e.g. an `optimizer` section in the DeepSpeed config)?")
+        if any(o not in self._hooked for o in carrying):
+            return f"SoRA's L1/prox hooks are not attached to the optimizer that steps ({names})"
+        return None
+
+    def optimizer_hook_calls(self) -> int:
+        return self.hook_calls
 
     def _gate_tensors(self, optimizer):
         """(group, values, grad) for every tensor of the gate group: local shards of FSDP2 DTensors."""
@@ -85,7 +104,10 @@ class SoRAController(RankController):
 
     @torch.no_grad()
     def _l1_gradient(self, optimizer) -> None:
-        for _, p, grad in self._gate_tensors(optimizer):
+        # ZeRO steps one param group per optimizer.step() call: the gate group is empty in all calls but one.
+        gates = list(self._gate_tensors(optimizer))
+        self.hook_calls += bool(gates)
+        for _, p, grad in gates:
             if grad is not None:
                 grad.add_(torch.sign(p), alpha=self.sparse_lambda / self.num_gates)
 
