@@ -162,6 +162,15 @@ def call_when_gradients_are_final(trainer, fn: Callable[[], None]) -> Callable[[
     return lambda: vars(engine).pop("step", None)
 
 
+def link_zero12_optimizer_state(zero) -> None:
+    """ZeRO-1/2 link each parameter to its slice of the Adam state lazily, once, at the first step, and then only
+    for the parameter groups stepped so far (DeepSpeed 0.19: the params of later groups stay unlinked and
+    safe_get/set_full_optimizer_state fail for them). Link again, now that every group has its state."""
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
 def private_api_problems() -> list[str]:
     """One line per private or undocumented accelerate / DeepSpeed internal used above that is not as this module
     expects in the installed versions (empty when all are). Source checks are deliberate: these internals have no
@@ -198,6 +207,10 @@ def private_api_problems() -> list[str]:
     for cls in (DeepSpeedZeroOptimizer_Stage3, DeepSpeedZeroOptimizer):
         expect("deepspeed", "self.optimizer = init_optimizer" in source(cls.__init__),
                f"{cls.__name__}.optimizer is the optimizer ZeRO steps", "stepping_optimizers")
+    expect("deepspeed", "self._hp_optimizer_states_linked = True" in source(
+        getattr(DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state", None)),
+        "DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state links params to their Adam state once",
+        "link_zero12_optimizer_state")
     expect("deepspeed", "_hp_mapping" in source(mixed_precision_linkage),
            "ZeRO-1/2 parameters carry _hp_mapping", "full_values_and_grads")
     return problems

@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpoints
-from .backends import _full, backend_of
+from .backends import _full, backend_of, link_zero12_optimizer_state
 from .errors import ConfigError
 
 PORTABLE_FILE = "flexrank_portable.pt"
@@ -43,15 +43,6 @@ def _trainable(trainer) -> list[tuple[str, torch.nn.Parameter]]:
 def _zero_optimizer(trainer):
     """DeepSpeed's ZeRO optimizer (it owns the fp32 master partitions and their Adam state)."""
     return trainer.model_wrapped.optimizer
-
-
-def _link_zero12_state(zero) -> None:
-    """ZeRO-1/2 link each parameter to its slice of the Adam state lazily, once, at the first step, and then only
-    for the parameter groups stepped so far (DeepSpeed 0.19: the params of later groups stay unlinked and
-    safe_get/set_full_optimizer_state fail for them). Link again, now that every group has its state."""
-    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
 
 
 def _torch_optimizer(trainer) -> torch.optim.Optimizer:
@@ -72,7 +63,7 @@ def gather(trainer) -> dict:
         zero = _zero_optimizer(trainer)
         steps = {float(s["step"]) for s in zero.optimizer.state.values() if "step" in s}
         if steps:
-            _link_zero12_state(zero)
+            link_zero12_optimizer_state(zero)
         if len(steps) > 1:  # every group steps together; the format keeps one step per parameter anyway
             raise RuntimeError(f"ZeRO parameter groups at different Adam steps {sorted(steps)}")
         step = next(iter(steps), None)
@@ -183,7 +174,7 @@ def _load_into_zero(trainer, named: dict, state: dict) -> None:
             for flat in group["params"]:
                 zero.optimizer.state[flat] = {"step": _step_tensor(step, group, flat),
                                               **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
-        _link_zero12_state(zero)
+        link_zero12_optimizer_state(zero)
     for name, p in named.items():
         value = state["params"][name]
         # The visible (low-precision) parameter and the optimizer's fp32 master copy are separate tensors.
