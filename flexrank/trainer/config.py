@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .recipe_paths import resolve_recipe_paths
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -324,8 +325,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
                 raise ConfigError("recipe", str(path), "valid YAML", str(exc).splitlines()[0]) from None
             if not isinstance(raw, dict):
                 raise ConfigError("recipe", str(path), "a YAML mapping with sections model/data/adapter/eval/training")
+            resolve_recipe_paths(raw, Path(path).parent)
     for assignment in overrides:
         set_override(raw, assignment)
+    resolve_recipe_paths(raw, Path.cwd())  # --set values and dict recipes: relative to where flexrank runs
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:

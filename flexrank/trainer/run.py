@@ -16,8 +16,10 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from . import checkpoints
+from .atomic import atomic_path, write_atomic
 from . import data as data_lib
 from .backends import apply_cpu_shims, backend_of, full_state_dict, zero3_init_as_configured
+from .checks import task_for
 from .config import RunConfig, dump_config, load_config
 from .controllers import AdaLoRAController, ElasticController, RankController, SoRAController
 from .errors import ConfigError
@@ -29,7 +31,6 @@ from .modeling import RANK_METHODS, apply_adapter, count_parameters, load_base_m
 from .rank_layer import rank_layers, register_rank_layer
 from .rank_report import write_rank_report
 from .search_space import space_from_nncf, space_from_spec
-from .tasks import get_task
 
 SPARSE_BASE = "sparse_base"
 
@@ -44,11 +45,7 @@ class RunData:
 def load_data(cfg: RunConfig) -> RunData:
     d = cfg.data
     if d.task:
-        task = get_task(d.task)
-        expected = "seq_cls" if task.kind == "classification" else "causal_lm"
-        if cfg.model.task_type != expected:
-            raise ConfigError("data.task", d.task, f"a task for model.task_type {cfg.model.task_type!r}",
-                              f"{d.task} is a {task.kind} task: set model.task_type: {expected}")
+        task = task_for(cfg)
         train, held_out = task.split_fn(seed=d.seed, eval_size=d.eval_size, train_size=d.train_size)
         return RunData(task.kind, train, held_out)
     records = data_lib.load_records(d.path, d.format)
@@ -213,8 +210,9 @@ def train(cfg: RunConfig) -> dict:
         metrics["sparsity"].pop("per_module", None)
         print(f"[flexrank] Wanda: base sparsity {metrics['sparsity']['ratio_achieved']:.4f}")
         if _is_main_process():  # the adapter belongs to this pruned base: keep it, for export and serving
-            model.save_pretrained(out / SPARSE_BASE)
-            tokenizer.save_pretrained(out / SPARSE_BASE)
+            with atomic_path(out / SPARSE_BASE) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
     peft_model = apply_adapter(model, cfg.adapter, cfg.model.task_type)
     metrics["parameters"] = count_parameters(peft_model)
     controller = build_controller(cfg, peft_model, _steps_per_epoch(cfg, len(train_set)))
@@ -236,10 +234,13 @@ def train(cfg: RunConfig) -> dict:
     full_state = full_state_dict(trainer)  # gathered from ZeRO-3 / FSDP2 shards; a collective
 
     if main and controller is not None:  # the whole rank-controlled adapter (all ranks, gates), for later export
-        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=full_state).items()},
-                  _ensure(out / "supernet") / "adapter_model.safetensors")
-        peft_model.peft_config["default"].save_pretrained(out / "supernet")
-        torch.save(controller.state_dict(), out / "supernet" / STATE_FILE)  # masks, importance, sampler
+        with atomic_path(out / "supernet") as tmp:
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in
+                       get_peft_model_state_dict(peft_model, state_dict=full_state).items()},
+                      tmp / "adapter_model.safetensors")
+            peft_model.peft_config["default"].save_pretrained(tmp)
+            torch.save(controller.state_dict(), tmp / STATE_FILE)  # masks, importance, sampler
     if isinstance(controller, ElasticController):
         metrics["subnets"] = {}
         for which in cfg.adapter.elastic.evaluate_subnets if cfg.eval.after else []:
@@ -263,19 +264,14 @@ def train(cfg: RunConfig) -> dict:
     if not main:
         return metrics
     if isinstance(controller, ElasticController):
-        with open(out / "elastic_samples.jsonl", "w") as f:  # the subnet trained at every optimizer step
-            f.writelines(json.dumps({"step": k, "subnet": v}) + "\n" for k, v in sorted(controller.history.items()))
+        write_atomic(out / "elastic_samples.jsonl", "".join(  # the subnet trained at every optimizer step
+            json.dumps({"step": k, "subnet": v}) + "\n" for k, v in sorted(controller.history.items())))
     if metrics.get("after"):
         print(f"[flexrank] after training: {_summary(metrics['after'])}")
-    (out / "config.yaml").write_text(dump_config(cfg))
+    write_atomic(out / "config.yaml", dump_config(cfg))
     write_json(out / "metrics.json", metrics)
     print(f"[flexrank] wrote {out}/adapter, {out}/metrics.json, {out}/config.yaml")
     return metrics
-
-
-def _ensure(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _summary(m: dict) -> str:
@@ -301,5 +297,5 @@ def load_run(run_dir: str | Path):
     peft_model = PeftModel.from_pretrained(model, run_dir / "supernet", config=peft_cfg)
     n_train = len(load_data(cfg).train)
     controller = build_controller(cfg, peft_model, _steps_per_epoch(cfg, n_train))
-    controller.load_state_dict(torch.load(run_dir / "supernet" / STATE_FILE, weights_only=False))
+    controller.load_state_dict(torch.load(run_dir / "supernet" / STATE_FILE, weights_only=True))
     return cfg, tokenizer, peft_model, controller
