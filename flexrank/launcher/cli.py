@@ -63,7 +63,6 @@ def _train(args) -> int:
     from .launch import format_command, in_launched_process, launch_command
     from ..trainer.checks import CHECKED_ENV, already_checked, check_recipe
     from ..trainer.config import load_config
-    from ..trainer.run import train
 
     overrides = args.overrides + [f"{key}={getattr(args, flag)}" for flag, key in _LAUNCH_FLAGS.items()
                                   if getattr(args, flag) is not None]
@@ -76,6 +75,8 @@ def _train(args) -> int:
         cmd, env = launch_command(dist, argv)
         print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
         return subprocess.run(cmd, env={**os.environ, **env, CHECKED_ENV: "1"}).returncode
+    from ..trainer.run import train  # heavy: only once the recipe passed its checks
+
     train(cfg)
     if in_launched_process():
         _exit_distributed()

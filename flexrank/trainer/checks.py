@@ -10,6 +10,7 @@ Independent checks all run, and every problem found is reported (one line each).
 """
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -91,7 +92,9 @@ def training_problems(training: dict, build: bool = True) -> list[ConfigError]:
         TrainingArguments(**{**training, "report_to": "none", **here})
     except (TypeError, ValueError, NotImplementedError) as exc:
         message = " ".join(str(exc).split())
-        named = [k for k in training if re.search(rf"\b{re.escape(k)}\b", message)]
+        # Name the keys the message is about: by key, else by a (string) value it quotes, e.g. an enum value.
+        named = [k for k in training if re.search(rf"\b{re.escape(k)}\b", message)] or \
+                [k for k, v in training.items() if isinstance(v, str) and re.search(rf"\b{re.escape(v)}\b", message)]
         problems.append(ConfigError("training" + (f".{named[0]}" if len(named) == 1 else ""),
                                     training[named[0]] if len(named) == 1 else {k: training[k] for k in named},
                                     "options transformers.TrainingArguments accepts together", message[:300]))
@@ -124,16 +127,32 @@ def adapted_modules(cfg: RunConfig) -> list[str]:
             model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=remote)
         else:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+        names = [n for n, _ in model.named_modules()]
+        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                         if type(mod).__name__ in ("Linear", "Conv1D")})
+        _check_target_names(cfg.adapter.target_modules, names, linear)
         try:
             peft_model = get_peft_model(model, adapter_config(cfg.adapter, m.task_type))
         except (ValueError, TypeError, KeyError) as exc:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                             if type(mod).__name__ in ("Linear", "Conv1D") and "." in n})
             raise ConfigError("adapter.target_modules", cfg.adapter.target_modules,
-                              f"'all-linear' or linear modules of the model, e.g. {linear[:8]}",
+                              f"'all-linear' or linear modules of the model: {linear}",
                               " ".join(str(exc).split())[:200]) from None
     layers = rank_layers(peft_model)
     return list(layers) if layers else [n for n, mod in peft_model.named_modules() if hasattr(mod, "lora_A")]
+
+
+def _check_target_names(targets, module_names: list[str], linear: list[str]) -> None:
+    """peft fails only when no target matches; a misspelt name among good ones would silently adapt less."""
+    if not isinstance(targets, list):  # 'all-linear' or a regex: peft's own check covers it
+        return
+    problems = []
+    for i, target in enumerate(targets):
+        if not any(n == target or n.endswith("." + target) for n in module_names):
+            close = difflib.get_close_matches(str(target), linear, n=1)
+            problems.append(ConfigError(f"adapter.target_modules[{i}]", target, f"a module of the model: {linear}",
+                                        f"did you mean {close[0]}?" if close else "it matches no module"))
+    if problems:
+        raise ConfigErrors(problems)
 
 
 def read_nncf_config(cfg: RunConfig) -> dict | None:
