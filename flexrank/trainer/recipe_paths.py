@@ -1,6 +1,7 @@
 """File paths in a recipe are relative to the recipe file (not to where flexrank runs); the resolved config,
 and so the run's config.yaml, holds them absolute, so export and eval work from any directory."""
 
+import os
 from pathlib import Path
 
 # Keys always naming a file; model.name_or_path and distributed.backend only sometimes do.
@@ -12,7 +13,7 @@ def _absolute(value, base: Path):
     if not isinstance(value, str) or not value:
         return value
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base / path).resolve())
+    return os.path.abspath(base / path)  # normalised, links kept as written
 
 
 def _names_local_path(value, base: Path) -> bool:
@@ -33,7 +34,7 @@ def _parent(raw: dict, keys: tuple[str, ...]) -> dict | None:
 def resolve_recipe_paths(raw: dict, base: str | Path) -> None:
     """Make the recipe's relative file paths absolute against `base` (the recipe's folder; the current
     directory for --set overrides and recipes given as dicts), in place."""
-    base = Path(base).resolve()
+    base = Path(os.path.abspath(base))
     for keys in _FILE_KEYS:
         node = _parent(raw, keys)
         if node is not None and keys[-1] in node:
