@@ -137,3 +137,13 @@ def test_eval_file_problems_name_data_eval_path(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
 def test_shipped_recipes_pass(recipe):
     check_recipe(load_config(ROOT / "recipes" / recipe))
+
+
+def test_every_schema_problem_and_unknown_training_key_is_reported():
+    with pytest.raises(ConfigErrors) as exc:
+        load_config(raw={"adapter": {"r": "eight"}, "model": {"dtype": "fp8"}})
+    assert sorted(e.key for e in exc.value.errors) == ["adapter.r", "model.dtype"]
+    with pytest.raises(ConfigErrors) as exc:
+        load_config(raw={"training": {"lerning_rate": 1e-3, "max_step": 3}})
+    assert [e.key for e in exc.value.errors] == ["training.lerning_rate", "training.max_step"]
+    assert "did you mean max_steps" in str(exc.value.errors[1])
