@@ -24,13 +24,18 @@ from .errors import ConfigError, ConfigErrors
 CHECKED_ENV = "FLEXRANK_RECIPE_CHECKED"  # set by the launching process: its workers need not check again
 
 
+def already_checked() -> bool:
+    return os.environ.get(CHECKED_ENV) == "1"
+
+
 def check_recipe(cfg: RunConfig, build_training_arguments: bool = True) -> None:
     """Raise ConfigErrors listing every problem found; `build_training_arguments=False` inside launched worker
     processes, where building TrainingArguments would set up the distributed state."""
     problems = training_problems(cfg.training, build_training_arguments)
     nncf = _collect(problems, read_nncf_config, cfg)
     names = _collect(problems, adapted_modules, cfg)
-    if names is not None and cfg.adapter.elastic is not None and (nncf is not None or not cfg.adapter.elastic.nncf_config):
+    elastic = cfg.adapter.elastic
+    if names is not None and elastic is not None and (nncf is not None or not elastic.nncf_config):
         _collect(problems, check_search_space, cfg, names, nncf)
     _collect(problems, check_data, cfg)
     if problems:
@@ -221,6 +226,3 @@ def check_data(cfg: RunConfig) -> None:
     if problems:
         raise ConfigErrors(problems)
 
-
-def already_checked() -> bool:
-    return os.environ.get(CHECKED_ENV) == "1"
