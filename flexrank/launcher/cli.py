@@ -97,21 +97,25 @@ _LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "
 def _train(args) -> int:
     from .launch import format_command, in_launched_process, launch_command
     from .signals import run_forwarding_signals
-    from ..trainer.preemption import PREEMPTED_EXIT, Preempted
+    from ..trainer.checks import CHECKED_ENV, already_checked, check_recipe
     from ..trainer.config import load_config
     from ..trainer.hub import pin_hub_model
-    from ..trainer.run import train
+    from ..trainer.preemption import PREEMPTED_EXIT, Preempted
 
     overrides = args.overrides + [f"{key}={getattr(args, flag)}" for flag, key in _LAUNCH_FLAGS.items()
                                   if getattr(args, flag) is not None]
     cfg = load_config(args.recipe, overrides)  # validated here, before any process is started
     overrides += pin_hub_model(cfg.model)  # a hub id: resolved once, here; launched processes get the commit
+    if not already_checked():  # everything checkable without weights, before any model loads
+        check_recipe(cfg, build_training_arguments=not in_launched_process())
     dist = cfg.distributed
     if dist.nproc * dist.nnodes > 1 and not in_launched_process():
         argv = ["train"] + ([args.recipe] if args.recipe else []) + [a for o in overrides for a in ("--set", o)]
         cmd, env = launch_command(dist, argv)
         print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
-        return run_forwarding_signals(cmd, {**os.environ, **env}, Path(cfg.training["output_dir"]))
+        return run_forwarding_signals(cmd, {**os.environ, **env, CHECKED_ENV: "1"}, Path(cfg.training["output_dir"]))
+    from ..trainer.run import train  # heavy: only once the recipe passed its checks
+
     status = 0
     try:
         train(cfg)
@@ -137,9 +141,12 @@ def _exit_distributed(status: int = 0) -> None:
 
 
 def _check(args) -> None:
+    from ..trainer.checks import check_recipe
     from ..trainer.config import dump_config, load_config
 
-    print(dump_config(load_config(args.recipe, args.overrides)), end="")
+    cfg = load_config(args.recipe, args.overrides)
+    check_recipe(cfg)
+    print(dump_config(cfg), end="")
 
 
 def _prepare(args) -> None:
@@ -162,9 +169,12 @@ def _prepare(args) -> None:
 
 def _export(args) -> None:
     from ..trainer.controllers import ElasticController
-    from ..trainer.export import export_plain_adapter
+    from ..trainer.export import export_plain_adapter, refuse_foreign_folder, save_export
     from ..trainer.run import load_run
 
+    refuse_foreign_folder(Path(args.out), "--out")  # before the model loads
+    if args.merge_sparse:
+        refuse_foreign_folder(Path(args.merge_sparse), "--merge-sparse")
     _, _, peft_model, controller = load_run(args.run_dir)
     if isinstance(controller, ElasticController):  # any subnet; AdaLoRA/SoRA export the ranks they learned
         print(f"[flexrank] subnet: {controller.activate(_subnet_arg(args.subnet))}")
@@ -173,7 +183,7 @@ def _export(args) -> None:
         from ..trainer.sparsity import sparse_merge, sparsity_of
 
         merged = sparse_merge(peft_model)
-        merged.save_pretrained(args.merge_sparse)
+        save_export(args.merge_sparse, merged.save_pretrained, {"sparsity": sparsity_of(merged)}, "--merge-sparse")
         print(f"[flexrank] merged model in {args.merge_sparse}: sparsity {sparsity_of(merged):.4f}")
 
 
@@ -242,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             args.recipe = find_recipe(args.recipe)
         return COMMANDS[args.command](args) or 0
     except ConfigError as exc:
-        print(f"flexrank: error: {exc}", file=sys.stderr)
+        for error in getattr(exc, "errors", [exc]):  # every problem found, one line each
+            print(f"flexrank: error: {error}", file=sys.stderr)
         return 2
 
 

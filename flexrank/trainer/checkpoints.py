@@ -7,12 +7,12 @@ process; only when all of them are done does the main process write a manifest o
 """
 
 import json
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import ConfigError
 
 MANIFEST = "flexrank_complete.json"
@@ -22,12 +22,7 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 def mark_complete(folder: Path, meta: dict) -> None:
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    tmp = folder / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({**meta, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps({**meta, "files": files}, indent=1))
 
 
 def problem(folder: Path) -> str | None:

@@ -9,7 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigErrors
+from .recipe_paths import resolve_recipe_paths
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -324,16 +325,20 @@ def _training_fields() -> set[str]:
 
 def _check_training(training: dict[str, Any]) -> dict[str, Any]:
     known = _training_fields()
-    for key in training:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            raise ConfigError(f"training.{key}", training[key], "a transformers.TrainingArguments field",
-                              f"did you mean {', '.join(close)}?" if close else "")
+    unknown = [ConfigError(f"training.{key}", training[key], "a transformers.TrainingArguments field",
+                           f"did you mean {', '.join(close)}?" if (close := difflib.get_close_matches(key, known, n=3))
+                           else "") for key in training if key not in known]
+    if unknown:
+        raise ConfigErrors(unknown)
     return {**TRAINING_DEFAULTS, **training}
 
 
 def _format_validation_error(err: ValidationError) -> ConfigError:
-    first = err.errors()[0]
+    """Every problem pydantic found, each naming its key."""
+    return ConfigErrors([_format_one(e) for e in err.errors()])
+
+
+def _format_one(first: dict) -> ConfigError:
     key = ".".join(str(p) for p in first["loc"]) or "<recipe>"
     if first["type"] == "extra_forbidden":
         section: type[BaseModel] = RunConfig
@@ -377,8 +382,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
                 raise ConfigError("recipe", str(path), "valid YAML", str(exc).splitlines()[0]) from None
             if not isinstance(raw, dict):
                 raise ConfigError("recipe", str(path), "a YAML mapping with sections model/data/adapter/eval/training")
+            resolve_recipe_paths(raw, Path(path).parent)
     for assignment in overrides:
         set_override(raw, assignment)
+    resolve_recipe_paths(raw, Path.cwd())  # --set values and dict recipes: relative to where flexrank runs
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:

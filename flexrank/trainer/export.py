@@ -12,18 +12,35 @@ and a placeholder rank with B = 0 would pass for a trained adapter downstream): 
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .errors import ConfigError
 from .rank_layer import rank_layers
 
 _PEFT_PREFIX = "base_model.model."
+EXPORT_MARKER = "flexrank_export.json"  # in every folder flexrank exports: only such folders may be replaced
+
+
+def refuse_foreign_folder(out: Path, key: str) -> None:
+    """Replacing an export deletes the folder: allowed only for a new or empty folder or a previous export."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / EXPORT_MARKER).is_file())):
+        raise ConfigError(key, str(out), "a new or empty folder, or a previous flexrank export (with "
+                          f"{EXPORT_MARKER})", "it holds other files, which flexrank will not delete")
+
+
+def save_export(out: str | Path, write, summary: dict, key: str = "--out") -> None:
+    """`write(folder)` fills a fresh folder, marked as an export, that then replaces `out` whole."""
+    out = Path(out)
+    refuse_foreign_folder(out, key)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        write(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps(summary, indent=1))
 
 
 def plain_lora_state(peft_model, adapter: str = "default", full_state: dict | None = None):
@@ -77,16 +94,13 @@ def export_plain_adapter(peft_model, out_dir: str | Path, adapter: str = "defaul
         raise NothingToExport(sum(layer.r[adapter] for layer in layers.values()))
     src = peft_model.peft_config[adapter]
     config = _plain_config(src, ranks, alphas) if layers else copy.deepcopy(src)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config.save_pretrained(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors",
-              metadata={"format": "pt"})
     summary = {"modules": len(ranks), "total_rank": sum(ranks.values()),
                "params": int(sum(v.numel() for v in state.values())), "rank_pattern": ranks}
-    (tmp / "flexrank_export.json").write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(folder)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+
+    save_export(out_dir, write, summary)
     return summary

@@ -1,8 +1,11 @@
 """The final rank of every adapted module: a CSV table and a layer x module heat map (PNG)."""
 
 import csv
+import io
 import re
 from pathlib import Path
+
+from .atomic import atomic_path, write_atomic
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.(.+)$")
 
@@ -13,10 +16,11 @@ def write_rank_report(rank_pattern: dict[str, int], max_rank: int, out_dir: Path
     for name, rank in sorted(rank_pattern.items()):
         m = _LAYER.search(name)
         rows.append((int(m.group(1)) if m else -1, m.group(2) if m else name, name, rank))
-    with open(out_dir / "ranks.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "module", "name", "rank"])
-        writer.writerows(sorted(rows))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["layer", "module", "name", "rank"])
+    writer.writerows(sorted(rows))
+    write_atomic(out_dir / "ranks.csv", table.getvalue())
     _plot(rows, max_rank, out_dir / "ranks.png")
 
 
@@ -40,5 +44,6 @@ def _plot(rows, max_rank: int, path: Path) -> None:
     ax.set_title(f"final rank per module (total {int(grid.sum())}, max {max_rank})")
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -16,8 +16,10 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from . import checkpoints
+from .atomic import atomic_path, write_atomic
 from . import data as data_lib
 from .backends import apply_cpu_shims, backend_of, full_state_dict, zero3_init_as_configured
+from .checks import task_for
 from .config import RunConfig, dump_config, load_config
 from .controllers import AdaLoRAController, ElasticController, RankController, SoRAController
 from .errors import ConfigError
@@ -30,7 +32,6 @@ from .preemption import Preempted, PreemptionCallback
 from .rank_layer import rank_layers, register_rank_layer
 from .rank_report import write_rank_report
 from .search_space import space_from_nncf, space_from_spec
-from .tasks import get_task
 
 SPARSE_BASE = "sparse_base"
 
@@ -45,11 +46,7 @@ class RunData:
 def load_data(cfg: RunConfig) -> RunData:
     d = cfg.data
     if d.task:
-        task = get_task(d.task)
-        expected = "seq_cls" if task.kind == "classification" else "causal_lm"
-        if cfg.model.task_type != expected:
-            raise ConfigError("data.task", d.task, f"a task for model.task_type {cfg.model.task_type!r}",
-                              f"{d.task} is a {task.kind} task: set model.task_type: {expected}")
+        task = task_for(cfg)
         train, held_out = task.split_fn(seed=d.seed, eval_size=d.eval_size, train_size=d.train_size)
         return RunData(task.kind, train, held_out)
     records = data_lib.load_records(d.path, d.format)
@@ -220,8 +217,9 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
         metrics["sparsity"].pop("per_module", None)
         print(f"[flexrank] Wanda: base sparsity {metrics['sparsity']['ratio_achieved']:.4f}")
         if _is_main_process():  # the adapter belongs to this pruned base: keep it, for export and serving
-            model.save_pretrained(out / SPARSE_BASE)
-            tokenizer.save_pretrained(out / SPARSE_BASE)
+            with atomic_path(out / SPARSE_BASE) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
     nncf_int4 = _uses_nncf(cfg)
     if nncf_int4:  # INT4 QAT: adapters live in nncf's weight quantizers, not in peft
         from . import quant_nncf
@@ -253,11 +251,14 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     main = trainer.is_world_process_zero()
     full_state = full_state_dict(trainer)  # gathered from ZeRO-3 / FSDP2 shards; a collective
 
-    if main and controller is not None and not nncf_int4:  # the whole rank-controlled adapter (all ranks, gates), for later export
-        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=full_state).items()},
-                  _ensure(out / "supernet") / "adapter_model.safetensors")
-        peft_model.peft_config["default"].save_pretrained(out / "supernet")
-        torch.save(controller.state_dict(), out / "supernet" / STATE_FILE)  # masks, importance, sampler
+    if main and controller is not None and not nncf_int4:  # the whole rank-controlled adapter (all ranks, gates)
+        with atomic_path(out / "supernet") as tmp:
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in
+                       get_peft_model_state_dict(peft_model, state_dict=full_state).items()},
+                      tmp / "adapter_model.safetensors")
+            peft_model.peft_config["default"].save_pretrained(tmp)
+            torch.save(controller.state_dict(), tmp / STATE_FILE)  # masks, importance, sampler
     if isinstance(controller, ElasticController):
         metrics["subnets"] = {}
         for which in cfg.adapter.elastic.evaluate_subnets if cfg.eval.after else []:
@@ -288,11 +289,11 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     if not main:
         return metrics
     if isinstance(controller, ElasticController):
-        with open(out / "elastic_samples.jsonl", "w") as f:  # the subnet trained at every optimizer step
-            f.writelines(json.dumps({"step": k, "subnet": v}) + "\n" for k, v in sorted(controller.history.items()))
+        write_atomic(out / "elastic_samples.jsonl", "".join(  # the subnet trained at every optimizer step
+            json.dumps({"step": k, "subnet": v}) + "\n" for k, v in sorted(controller.history.items())))
     if metrics.get("after"):
         print(f"[flexrank] after training: {_summary(metrics['after'])}")
-    (out / "config.yaml").write_text(dump_config(cfg))
+    write_atomic(out / "config.yaml", dump_config(cfg))
     write_json(out / "metrics.json", metrics)
     model_dir = quant_nncf.INT4_DIR if nncf_int4 else "adapter"
     print(f"[flexrank] wrote {out}/{model_dir}, {out}/metrics.json, {out}/config.yaml")
@@ -301,11 +302,6 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
 
 def _uses_nncf(cfg: RunConfig) -> bool:
     return cfg.model.quantization is not None and cfg.model.quantization.method == "nncf_int4"
-
-
-def _ensure(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _summary(m: dict) -> str:
@@ -331,5 +327,5 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     peft_model = PeftModel.from_pretrained(model, run_dir / "supernet", config=peft_cfg)
     n_train = len(load_data(cfg).train)
     controller = build_controller(cfg, peft_model, _steps_per_epoch(cfg, n_train))
-    controller.load_state_dict(torch.load(run_dir / "supernet" / STATE_FILE, weights_only=False))
+    controller.load_state_dict(torch.load(run_dir / "supernet" / STATE_FILE, weights_only=True))
     return cfg, tokenizer, peft_model, controller
