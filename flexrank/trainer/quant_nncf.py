@@ -95,7 +95,11 @@ class _NncfState:
     config (where the quantizers sit) and the hook storage state, so a resume restores them exactly."""
 
     def _init_nncf(self, model, lr: float):
+        from nncf.common.quantization.structs import QuantizationScheme
+
         self.model, self.lr = model, lr
+        # nncf's config holds this enum: allowed, so checkpoints' controller state loads with weights_only=True.
+        torch.serialization.add_safe_globals([QuantizationScheme])
 
     def optimizer_groups(self, model) -> list[dict]:
         return trainable_groups(self.model, self.lr)
