@@ -154,7 +154,7 @@ def test_sweep_grid_and_bad_input(tmp_path):
     from flexrank.launcher.slurm import grid_points
 
     assert grid_points(["a=1,2", "b=x,y"]) == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
-    for args, message in ((["sweep", "r.yaml", "--set-grid", "a=1,", "--out", str(tmp_path / "s")],
+    for args, message in ((["sweep", "analogy_lora", "--set-grid", "a=1,", "--out", str(tmp_path / "s")],
                            "--set-grid: got 'a=1,'"),
                           (["collect", str(tmp_path)], "SWEEP_DIR: got")):
         proc = subprocess.run([sys.executable, "-m", "flexrank", "slurm", *args], capture_output=True, text=True)

@@ -9,6 +9,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpoints
+from .atomic import write_atomic
 from .backends import backend_of, call_when_gradients_are_final, stepping_optimizers
 from .portable_state import PortableResume, PortableStateCallback
 from .controllers import RankController
@@ -157,6 +158,4 @@ class FlexTrainer(PortableResume, Trainer):
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
