@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -183,8 +182,9 @@ def _export(args) -> None:
         from ..trainer.sparsity import sparse_merge, sparsity_of
 
         merged = sparse_merge(peft_model)
-        save_export(args.merge_sparse, merged.save_pretrained, {"sparsity": sparsity_of(merged)}, "--merge-sparse")
-        print(f"[flexrank] merged model in {args.merge_sparse}: sparsity {sparsity_of(merged):.4f}")
+        sparsity = sparsity_of(merged)
+        save_export(args.merge_sparse, merged.save_pretrained, {"sparsity": sparsity}, "--merge-sparse")
+        print(f"[flexrank] merged model in {args.merge_sparse}: sparsity {sparsity:.4f}")
 
 
 def _eval(args) -> None:
@@ -217,16 +217,13 @@ def _slurm(args) -> int:
 
 
 def _search(args) -> int:
-    from .launch import format_command, in_launched_process, launch_command
+    from .launch import format_command, free_port, in_launched_process, launch_command
     from ..trainer.config import DistributedConfig
     from ..trainer.elastic.search import load_search_config, search
 
     load_search_config(Path(args.run_dir), args.overrides)  # refuse bad input before starting any process
     if args.nproc and args.nproc > 1 and not in_launched_process():
-        with socket.socket() as s:  # a free rendezvous port: several searches may run on one machine
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist = DistributedConfig(backend="ddp", nproc=args.nproc, main_process_port=port)
+        dist = DistributedConfig(backend="ddp", nproc=args.nproc, main_process_port=free_port())
         cmd, env = launch_command(dist, ["search", args.run_dir] + [a for o in args.overrides for a in ("--set", o)])
         print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
         return subprocess.run(cmd, env={**os.environ, **env}).returncode

@@ -6,6 +6,7 @@ inside the package, see shipped.py).
 
 import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -18,6 +19,13 @@ _ACCELERATE_FILES = {"single": "single.yaml", "ddp": "ddp.yaml", "fsdp2": "fsdp2
                      "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
                      "zero3_offload": "deepspeed_zero3_offload.yaml"}
 _DS_FILES = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
+
+
+def free_port() -> int:
+    """A port nobody listens on now, so that several launches on one machine never share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def in_launched_process() -> bool:
