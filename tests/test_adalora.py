@@ -8,7 +8,6 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from flexrank.trainer.controllers import AdaLoRAController
-from flexrank.trainer.controllers.adalora import budget_at
 from flexrank.trainer.export import export_plain_adapter
 from flexrank.trainer.rank_layer import _OrthogonalityGradient, orthogonality, rank_layers, register_rank_layer
 

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 from dist_helpers import free_port
 from elastic_helpers import elastic_supernet
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .cost import CostModel, SubnetShape
 from .nsga import NSGASettings, nsga2
-from .results import Best, EvalCache, Row, config_key, digest, front_rows, plot, select_best, write_csv, write_json
+from .results import EvalCache, Row, config_key, digest, front_rows, plot, select_best, write_csv, write_json
 
 # NNCF BootstrapNAS's search defaults (v2.19 search.py). acc_delta: NNCF's 1 point of percent accuracy, here a
 # fraction (LoNAS writes fractions: ref_acc 0.45, acc_delta 0.01). ref_acc -1: the maximal subnet's metric.
