@@ -37,8 +37,9 @@ class NSGASettings:
 
 
 class _RNG:
-    """pymoo draws from the global numpy / random generators: keep its state apart from everything that runs
-    between ask and tell (model evaluation), so a seed gives the same search whatever the evaluator does."""
+    """pymoo < 0.6.2 draws from the global numpy / random generators (0.6.2 from its own generator, seeded by
+    `setup(seed=...)`): keep the global state apart from everything that runs between ask and tell (model
+    evaluation), so a seed gives the same search whatever the evaluator does, on either version."""
 
     def __init__(self, seed: int):
         outside = self._get()
@@ -80,7 +81,7 @@ def nsga2(sizes: list[int], evaluate: Callable[[list[tuple[int, ...]]], list[tup
                       eliminate_duplicates=True)
     rng = _RNG(settings.seed)
     with rng.active():
-        algorithm.setup(problem, termination=("n_gen", settings.generations), seed=None, verbose=False)
+        algorithm.setup(problem, termination=("n_gen", settings.generations), seed=settings.seed, verbose=False)
     records = []
     for generation in range(settings.generations):
         with rng.active():
