@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..shipped import find_shipped_json
+from .elastic.base_shape import BaseWidths
 from .errors import ConfigError
 
 def _is_int(value) -> bool:
@@ -202,6 +203,12 @@ class SearchSpace:
         """Module name -> active rank for a subnet config (modules in no group are not listed)."""
         config = self.validate_subnet(config)
         return {module: config[g.name] for g in self.groups for module in g.modules}
+
+    def base_widths(self, config: dict[str, int]) -> BaseWidths:
+        """The base model's widths in a subnet config, per layer; empty while only adapter ranks are elastic
+        (no group here cuts the base yet)."""
+        self.validate_subnet(config)
+        return {}
 
 
 def _group_name(modules: list[str]) -> str:
