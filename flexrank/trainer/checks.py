@@ -210,19 +210,28 @@ def task_for(cfg: RunConfig):
 
 
 def check_data(cfg: RunConfig) -> None:
-    from .data import load_records
+    """Every data source readable (file or cached hub dataset), its column mapping present, its records valid."""
+    from .data import validated_records
+    from .data_sources import Source, read_source
 
     d = cfg.data
     if d.task:
         task_for(cfg)
         return
+    columns = dict(d.columns or {})
+    if d.datasets:
+        sources = [Source(s.path, f"data.datasets.{i}.path", s.name, s.split, s.revision, dict(s.columns or {}))
+                   for i, s in enumerate(d.datasets)]
+    else:
+        sources = [Source(d.path, "data.path", d.name, d.split, d.revision, columns)]
+    if d.eval_path:
+        sources.append(Source(d.eval_path, "data.eval_path", columns=columns))
     problems = []
-    for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-        if path:
-            try:
-                load_records(path, d.format)
-            except ConfigError as exc:
-                problems.append(exc.under(key))
+    for source in sources:
+        try:
+            for _ in validated_records(read_source(source), d.format, source.key, source.path):
+                pass
+        except ConfigError as exc:
+            problems.append(exc)
     if problems:
         raise ConfigErrors(problems)
-

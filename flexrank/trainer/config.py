@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .data_sources import CANONICAL_COLUMNS
 from .errors import ConfigError, ConfigErrors
 from .recipe_paths import resolve_recipe_paths
 
@@ -70,12 +71,46 @@ class ModelConfig(_Section):
         return self
 
 
+
+
+def _check_columns(columns: dict[str, str] | None, key: str) -> dict[str, str] | None:
+    for field, column in (columns or {}).items():
+        if field not in CANONICAL_COLUMNS:
+            raise ConfigError(f"{key}.{field}", column, f"record fields {list(CANONICAL_COLUMNS)} mapped to your column names",
+                              f"e.g. {key}: {{instruction: question, output: answer}}")
+    return columns
+
+
+class DataSourceConfig(_Section):
+    """One of several mixed sources (data.datasets): a file or hub id, its columns, its share of the mixture."""
+    path: str
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    columns: dict[str, str] | None = None
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _columns(self):
+        _check_columns(self.columns, "data.datasets.columns")
+        return self
+
+
 class DataConfig(_Section):
     task: str | None = "analogy"
-    path: str | None = None
+    path: str | None = None         # a json/jsonl/csv/parquet/txt file, or a hub dataset id (org/name)
+    name: str | None = None         # hub dataset config
+    split: str = "train"            # hub dataset split ("train[:10%]" slices)
+    eval_split: str | None = None   # hub dataset split for the held-out records (default: a seeded share of split)
+    revision: str | None = None     # hub dataset branch, tag or commit
+    columns: dict[str, str] | None = None  # record field -> your column name, e.g. {instruction: question}
+    datasets: list[DataSourceConfig] | None = None  # several sources mixed by weight (instead of path)
     eval_path: str | None = None
     format: Literal["auto", "alpaca", "chat", "text"] = "auto"
     max_length: int = Field(128, gt=0)
+    truncation: Literal["left", "middle"] = "left"  # which part of an over-long prompt goes; the answer stays
+    min_prompt_length: int = Field(8, ge=1)         # records whose answer leaves less room for the prompt are dropped
+    num_proc: int | None = Field(None, ge=1)        # processes for tokenizing (large sets)
     packing: bool = False
     response_only_loss: bool = True
     train_size: int | None = Field(None, gt=0)
@@ -85,17 +120,22 @@ class DataConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _path_replaces_default_task(cls, raw):
-        if isinstance(raw, dict) and raw.get("path"):
+        if isinstance(raw, dict) and (raw.get("path") or raw.get("datasets")):
             if raw.get("task"):
-                raise ConfigError("data.task", raw["task"], "no data.task together with data.path",
-                                  "a bundled task or your own file, not both")
+                raise ConfigError("data.task", raw["task"], "no data.task together with data.path or data.datasets",
+                                  "a bundled task or your own data, not both")
             raw = {**raw, "task": None}
         return raw
 
     @model_validator(mode="after")
     def _one_source(self):
-        if not self.task and not self.path:
-            raise ConfigError("data.task", self.task, "a bundled task name, or set data.path (JSON/JSONL/text file)")
+        if not self.task and not self.path and not self.datasets:
+            raise ConfigError("data.task", self.task, "a bundled task name, or set data.path (json/jsonl/csv/parquet/"
+                              "txt file or hub dataset id) or data.datasets")
+        if self.path and self.datasets:
+            raise ConfigError("data.datasets", len(self.datasets), "data.path or data.datasets, not both",
+                              "list the file under data.datasets with its weight")
+        _check_columns(self.columns, "data.columns")
         return self
 
 

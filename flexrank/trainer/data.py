@@ -1,46 +1,64 @@
 """User records (Alpaca, chat, plain text, classification) -> token ids, labels and padded/packed batches."""
 
-import json
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 from transformers import DataCollatorWithFlattening
 
+from flexrank.trainer.data_sources import SOURCE_HELP as _RECORD_HELP
 from flexrank.trainer.errors import ConfigError
 
 FORMATS = ("auto", "alpaca", "chat", "text")
+TRUNCATION = ("left", "middle")  # which part of an over-long prompt goes; the response is kept
+FITS, TRUNCATED, DROPPED = 0, 1, 2  # what truncation did to a record
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy (and so every HF loss) skips
 _REQUIRED = {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
-_RECORD_HELP = (
-    "a .json list, .jsonl or .txt file of alpaca {system?, instruction, input?, output}, "
-    "chat {messages: [{role, content}, ...]} or text {text} records"
-)
 
 
-def load_records(path, fmt: str = "auto") -> list[dict]:
+def load_records(path, fmt: str = "auto", columns: dict | None = None, key: str = "data.path") -> list[dict]:
     """Read and validate every record, so a bad file fails before any model is loaded."""
+    from .data_sources import Source, read_source
+
+    ds = read_source(Source(str(path), key=key, columns=dict(columns or {})))
+    return list(validated_records(ds, fmt, key, str(path)))
+
+
+def validated_records(ds, fmt: str, key: str, path: str):
+    """The Dataset's rows as record dicts (null fields dropped), each checked for `fmt` ("auto": the first record's)."""
     if fmt not in FORMATS:
         raise ConfigError("data.format", fmt, ", ".join(FORMATS))
-    path = Path(path)
-    records = _read(path)
-    if not records:
-        raise ConfigError("data.path", str(path), _RECORD_HELP, "the file holds no records")
-    if fmt == "auto":
-        # One format per file, taken from the first record, so that a later record missing a key is
-        # reported as such rather than silently read as another format.
-        fmt = record_format(records[0])
-        if fmt is None:
-            keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
-            raise ConfigError("data.path", str(path), _RECORD_HELP, f"record 0: cannot tell the format from {keys}")
-    for i, record in enumerate(records):
-        problem = _problem(record, fmt)
-        if problem:
-            raise ConfigError("data.path", str(path), _RECORD_HELP, f"record {i} ({fmt}): {problem}")
-    return records
+    if len(ds) == 0:
+        raise ConfigError(key, path, _RECORD_HELP, "the file holds no records")
+    i = 0
+    for batch in ds.iter(batch_size=4096):
+        for record in records_of_batch(batch):
+            if fmt == "auto":
+                # One format per file, taken from the first record, so that a later record missing a key is
+                # reported as such rather than silently read as another format.
+                fmt = record_format(record)
+                if fmt is None:
+                    raise ConfigError(key, path, _RECORD_HELP, f"record 0: cannot tell the format from {sorted(record)}")
+            problem = _problem(record, fmt)
+            if problem:
+                raise ConfigError(key, path, _RECORD_HELP, f"record {i} ({fmt}): {problem}")
+            i += 1
+            yield record
+
+
+def records_of_batch(batch: dict) -> list[dict]:
+    """A columnar batch as record dicts; Arrow fills a key a record lacks with null, so nulls are dropped again."""
+    keys = list(batch)
+    return [drop_nulls(dict(zip(keys, values))) for values in zip(*(batch[k] for k in keys))]
+
+
+def drop_nulls(value):
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
 
 
 def record_format(record) -> str | None:
@@ -69,29 +87,53 @@ def generation_prompt(tokenizer, record: dict) -> str:
     return _render(tokenizer, to_messages(record)[: _last_assistant(record)], add_generation_prompt=True)
 
 
-def tokenize_record(tokenizer, record: dict, max_length: int, response_only: bool = True) -> dict:
-    """{"input_ids", "labels"} for causal-LM training, truncated to max_length (the start is kept).
+def tokenize_record(tokenizer, record: dict, max_length: int, response_only: bool = True, truncation: str = "left",
+                    min_prompt_length: int = 0) -> dict | None:
+    """{"input_ids", "labels"} for causal-LM training, at most max_length tokens; None if it cannot fit.
 
     With response_only, only the assistant turns are learned: every other token is labelled -100.
+    See tokenize_with_status for how an over-long record is truncated.
+    """
+    return tokenize_with_status(tokenizer, record, max_length, response_only, truncation, min_prompt_length)[0]
+
+
+def tokenize_with_status(tokenizer, record: dict, max_length: int, response_only: bool = True,
+                         truncation: str = "left", min_prompt_length: int = 0) -> tuple[dict | None, int]:
+    """(tokens or None, FITS | TRUNCATED | DROPPED).
+
+    A conversation longer than max_length loses prompt tokens (everything before the last assistant turn), from
+    the left or the middle, so that the response it is trained on survives whole. It is dropped when the response
+    alone leaves fewer than min_prompt_length tokens for the prompt. Plain text keeps its start.
     """
     if record_format(record) == "text":
         ids = tokenizer(record["text"])["input_ids"]
         if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
             ids.append(tokenizer.eos_token_id)  # so the model learns where a document ends
-        return {"input_ids": ids[:max_length], "labels": ids[:max_length]}
+        return {"input_ids": ids[:max_length], "labels": ids[:max_length]}, FITS if len(ids) <= max_length else TRUNCATED
     messages = to_messages(record)
     ids = _encode_chat(tokenizer, messages)
-    if not response_only:
-        return {"input_ids": ids[:max_length], "labels": ids[:max_length]}
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            # Tokenize the prefixes rather than search for the answer's tokens: the boundary is then exact
-            # for any template, as long as the template's tokenization is prefix-stable (checked).
-            start = _prefix_length(tokenizer, messages[:i], ids, add_generation_prompt=True)
-            end = _turn_end(tokenizer, ids, start, _prefix_length(tokenizer, messages[: i + 1], ids))
-            labels[start:end] = ids[start:end]
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    labels = list(ids)
+    if response_only:
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                # Tokenize the prefixes rather than search for the answer's tokens: the boundary is then exact
+                # for any template, as long as the template's tokenization is prefix-stable (checked).
+                start = _prefix_length(tokenizer, messages[:i], ids, add_generation_prompt=True)
+                end = _turn_end(tokenizer, ids, start, _prefix_length(tokenizer, messages[: i + 1], ids))
+                labels[start:end] = ids[start:end]
+    if len(ids) <= max_length:
+        return {"input_ids": ids, "labels": labels}, FITS
+    start = _prefix_length(tokenizer, messages[: _last_assistant(record)], ids, add_generation_prompt=True)
+    keep = max_length - (len(ids) - start)  # prompt tokens that fit beside the whole response
+    if keep < max(min_prompt_length, 1):
+        return None, DROPPED
+    if truncation == "left":
+        kept = list(range(start - keep, len(ids)))
+    else:  # middle: the prompt's start (system prompt, instruction) and its end (next to the answer) survive
+        head = keep // 2
+        kept = list(range(head)) + list(range(start - (keep - head), len(ids)))
+    return {"input_ids": [ids[k] for k in kept], "labels": [labels[k] for k in kept]}, TRUNCATED
 
 
 def tokenize_classification(tokenizer, record: dict, max_length: int) -> dict:
@@ -100,10 +142,11 @@ def tokenize_classification(tokenizer, record: dict, max_length: int) -> dict:
 
 
 class TokenizedDataset(Dataset):
-    """A list of tokenized dicts; tokenizing once up front keeps the training loop free of text work."""
+    """Tokenized dicts (a list, or an Arrow-backed datasets.Dataset from data_cache.py) as a plain torch Dataset:
+    tokenizing once up front keeps the training loop free of text work, and the Trainer sees no HF columns."""
 
-    def __init__(self, items: list[dict]):
-        self.items = list(items)
+    def __init__(self, items):
+        self.items = items if hasattr(items, "__getitem__") else list(items)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -174,33 +217,6 @@ def encode_chat_text(tokenizer, text: str) -> list[int]:
     """Token ids of text laid out by the chat template (or the fallback layout), e.g. a generation_prompt."""
     # A chat template writes its own special tokens (bos included); the fallback layout relies on the tokenizer's.
     return tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
-
-
-def _read(path: Path) -> list:
-    if not path.is_file():
-        raise ConfigError("data.path", str(path), _RECORD_HELP, "no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
-        # Plain text: one record per paragraph (blank-line separated).
-        return [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError("data.path", str(path), _RECORD_HELP, f"line {n} is not JSON: {e}") from None
-        return records
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError("data.path", str(path), _RECORD_HELP, f"not JSON: {e}") from None
-        if not isinstance(records, list):
-            raise ConfigError("data.path", str(path), _RECORD_HELP, "a .json file must hold a list of records")
-        return records
-    raise ConfigError("data.path", str(path), _RECORD_HELP, f"unknown extension {path.suffix!r}")
 
 
 def _problem(record, fmt: str) -> str | None:

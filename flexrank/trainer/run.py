@@ -4,10 +4,10 @@ Output folder: config.yaml (resolved), metrics.json, adapter/ (plain peft), supe
 sparse_base/ (the Wanda-pruned base, Shears), runs/ TensorBoard logs, checkpoints as the training arguments say.
 """
 
+import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from . import data as data_lib
 from .backends import apply_cpu_shims, backend_of, full_state_dict, zero3_init_as_configured
 from .checks import task_for
 from .config import RunConfig, dump_config, load_config
+from .data_pipeline import RunData, load_data, tokenize, tokenize_train  # noqa: F401 (the CLI and search use them)
 from .controllers import AdaLoRAController, ElasticController, RankController, SoRAController
 from .errors import ConfigError
 from .evaluation import evaluate_classification, evaluate_generation, evaluate_loss
@@ -34,39 +35,6 @@ from .rank_report import write_rank_report
 from .search_space import space_from_nncf, space_from_spec
 
 SPARSE_BASE = "sparse_base"
-
-
-@dataclass
-class RunData:
-    kind: str  # generation | classification | text
-    train: list[dict]
-    eval: list[dict]
-
-
-def load_data(cfg: RunConfig) -> RunData:
-    d = cfg.data
-    if d.task:
-        task = task_for(cfg)
-        train, held_out = task.split_fn(seed=d.seed, eval_size=d.eval_size, train_size=d.train_size)
-        return RunData(task.kind, train, held_out)
-    records = data_lib.load_records(d.path, d.format)
-    if d.eval_path:
-        held_out = data_lib.load_records(d.eval_path, d.format)
-    else:  # a seeded held-out split of the training file
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(d.seed)).tolist()
-        n_eval = min(d.eval_size, len(records) // 5)
-        held_out, records = [records[i] for i in order[:n_eval]], [records[i] for i in order[n_eval:]]
-    kind = "text" if data_lib.record_format(records[0]) == "text" else "generation"
-    return RunData(kind, records[: d.train_size] if d.train_size else records, held_out)
-
-
-def tokenize(cfg: RunConfig, tokenizer, records: list[dict], kind: str) -> data_lib.TokenizedDataset:
-    if kind == "classification":
-        items = [data_lib.tokenize_classification(tokenizer, r, cfg.data.max_length) for r in records]
-    else:
-        items = [data_lib.tokenize_record(tokenizer, r, cfg.data.max_length, cfg.data.response_only_loss)
-                 for r in records]
-    return data_lib.TokenizedDataset(items)
 
 
 def evaluate(cfg: RunConfig, model, tokenizer, run_data: RunData, eval_set, collator) -> dict:
@@ -201,14 +169,18 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     set_seed(args.seed)
     tokenizer = load_tokenizer(cfg.model)
     run_data = load_data(cfg)
-    train_set, eval_set = (tokenize(cfg, tokenizer, r, run_data.kind) for r in (run_data.train, run_data.eval))
+    with args.main_process_first(desc="tokenizing"):  # the main process tokenizes; the others load its cache
+        train_tokens = tokenize_train(cfg, tokenizer, run_data, contextlib.nullcontext)
+        eval_set = tokenize(cfg, tokenizer, run_data.eval, run_data.kind, run_data.eval_key, contextlib.nullcontext)
+    train_set = train_tokens.dataset
     collator = data_lib.make_collator(tokenizer, cfg.data.packing)
     eval_collator = data_lib.make_collator(tokenizer, False)
     print(f"[flexrank] data: {len(train_set)} train / {len(eval_set)} held-out records ({run_data.kind})")
 
     with zero3_init_as_configured(args):
         model = load_base_model(cfg.model, tokenizer)
-    metrics: dict = {"data": {"train": len(train_set), "eval": len(eval_set)}}
+    metrics: dict = {"data": {"train": len(train_set), "eval": len(eval_set)},
+                     "truncation": {k: train_tokens.stats[k] for k in ("truncated", "dropped")}}
     if cfg.adapter.sparsity:
         from .sparsity import wanda_prune
 
@@ -325,7 +297,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
 
     peft_cfg = register_rank_layer(LoraConfig.from_pretrained(run_dir / "supernet"))
     peft_model = PeftModel.from_pretrained(model, run_dir / "supernet", config=peft_cfg)
-    n_train = len(load_data(cfg).train)
+    n_train = len(tokenize_train(cfg, tokenizer, load_data(cfg)).dataset)
     controller = build_controller(cfg, peft_model, _steps_per_epoch(cfg, n_train))
     controller.load_state_dict(torch.load(run_dir / "supernet" / STATE_FILE, weights_only=True))
     return cfg, tokenizer, peft_model, controller
