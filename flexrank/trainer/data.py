@@ -112,7 +112,7 @@ def tokenize_with_status(tokenizer, record: dict, max_length: int, response_only
         return {"input_ids": ids[:max_length], "labels": ids[:max_length]}, FITS if len(ids) <= max_length else TRUNCATED
     messages = to_messages(record)
     ids = _encode_chat(tokenizer, messages)
-    labels = list(ids)
+    labels, start = list(ids), None
     if response_only:
         labels = [IGNORE_INDEX] * len(ids)
         for i, message in enumerate(messages):
@@ -120,11 +120,14 @@ def tokenize_with_status(tokenizer, record: dict, max_length: int, response_only
                 # Tokenize the prefixes rather than search for the answer's tokens: the boundary is then exact
                 # for any template, as long as the template's tokenization is prefix-stable (checked).
                 start = _prefix_length(tokenizer, messages[:i], ids, add_generation_prompt=True)
-                end = _turn_end(tokenizer, ids, start, _prefix_length(tokenizer, messages[: i + 1], ids))
+                # (the prefix ending with the last message is the whole conversation: no need to encode it again)
+                turn = len(ids) if i + 1 == len(messages) else _prefix_length(tokenizer, messages[: i + 1], ids)
+                end = _turn_end(tokenizer, ids, start, turn)
                 labels[start:end] = ids[start:end]
     if len(ids) <= max_length:
         return {"input_ids": ids, "labels": labels}, FITS
-    start = _prefix_length(tokenizer, messages[: _last_assistant(record)], ids, add_generation_prompt=True)
+    if start is None:  # (with response_only, the loop left it at the last assistant turn)
+        start = _prefix_length(tokenizer, messages[: _last_assistant(record)], ids, add_generation_prompt=True)
     keep = max_length - (len(ids) - start)  # prompt tokens that fit beside the whole response
     if keep < max(min_prompt_length, 1):
         return None, DROPPED

@@ -17,6 +17,7 @@ from .errors import ConfigError
 
 # The record fields flexrank reads (data.py); data.columns maps these names to a file's own column names.
 CANONICAL_COLUMNS = ("system", "instruction", "input", "output", "messages", "text", "label")
+TEXT_COLUMNS = ("system", "instruction", "input", "output", "text")
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SOURCE_HELP = ("a .json list, .jsonl, .csv, .parquet or .txt file, or a hub dataset id (org/name) in the HF cache, "
                "of alpaca {system?, instruction, input?, output}, chat {messages: [{role, content}, ...]} or text "
@@ -158,4 +159,17 @@ def _rename(ds, source: Source):
     clash = [c for c in columns if c in ds.column_names and c not in columns.values()]
     if clash:  # the file has its own column of that name too: drop it, the mapping says which one to read
         ds = ds.remove_columns(clash)
-    return ds.rename_columns({v: k for k, v in columns.items() if k != v})
+    ds = ds.rename_columns({v: k for k, v in columns.items() if k != v})
+    return _text_as_strings(ds)
+
+
+def _text_as_strings(ds):
+    """A csv/parquet column of numbers (answers like 42) read as text, as the record fields are strings."""
+    from datasets import Value
+
+    for name in TEXT_COLUMNS:
+        feature = ds.features.get(name)
+        if isinstance(feature, Value) and feature.dtype != "string" and feature.dtype != "null" and \
+                (feature.dtype.startswith(("int", "uint", "float")) or feature.dtype == "bool"):
+            ds = ds.cast_column(name, Value("string"))
+    return ds
