@@ -99,36 +99,73 @@ def tokenize_record(tokenizer, record: dict, max_length: int, response_only: boo
 
 def tokenize_with_status(tokenizer, record: dict, max_length: int, response_only: bool = True,
                          truncation: str = "left", min_prompt_length: int = 0) -> tuple[dict | None, int]:
-    """(tokens or None, FITS | TRUNCATED | DROPPED).
+    """(tokens or None, FITS | TRUNCATED | DROPPED) of one record; see tokenize_records."""
+    return tokenize_records(tokenizer, [record], max_length, response_only, truncation, min_prompt_length)[0]
+
+
+def tokenize_records(tokenizer, records: list[dict], max_length: int, response_only: bool = True,
+                     truncation: str = "left", min_prompt_length: int = 0) -> list[tuple[dict | None, int]]:
+    """(tokens or None, FITS | TRUNCATED | DROPPED) per record, the texts of all records encoded in one call.
 
     A conversation longer than max_length loses prompt tokens (everything before the last assistant turn), from
     the left or the middle, so that the response it is trained on survives whole. It is dropped when the response
-    alone leaves fewer than min_prompt_length tokens for the prompt. Plain text keeps its start.
+    alone leaves fewer than min_prompt_length (at least 1) tokens for the prompt. Plain text keeps its start.
     """
-    if record_format(record) == "text":
-        ids = tokenizer(record["text"])["input_ids"]
-        if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
-            ids.append(tokenizer.eos_token_id)  # so the model learns where a document ends
-        return {"input_ids": ids[:max_length], "labels": ids[:max_length]}, FITS if len(ids) <= max_length else TRUNCATED
-    messages = to_messages(record)
-    ids = _encode_chat(tokenizer, messages)
-    labels, start = list(ids), None
-    if response_only:
-        labels = [IGNORE_INDEX] * len(ids)
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                # Tokenize the prefixes rather than search for the answer's tokens: the boundary is then exact
-                # for any template, as long as the template's tokenization is prefix-stable (checked).
-                start = _prefix_length(tokenizer, messages[:i], ids, add_generation_prompt=True)
-                # (the prefix ending with the last message is the whole conversation: no need to encode it again)
-                turn = len(ids) if i + 1 == len(messages) else _prefix_length(tokenizer, messages[: i + 1], ids)
+    is_text = [record_format(r) == "text" for r in records]
+    plans = [[] if text else _chat_texts(tokenizer, to_messages(r)) for r, text in zip(records, is_text)]
+    texts = [t for plan in plans for t in plan]
+    # A chat template writes its own special tokens (bos included); plain text and the fallback layout rely on the
+    # tokenizer's (see encode_chat_text).
+    chat_ids = iter(tokenizer(texts, add_special_tokens=not tokenizer.chat_template)["input_ids"] if texts else [])
+    plain = [r["text"] for r, text in zip(records, is_text) if text]
+    plain_ids = iter(tokenizer(plain)["input_ids"] if plain else [])
+    out = []
+    for record, plan, text in zip(records, plans, is_text):
+        if text:
+            out.append(_text_tokens(tokenizer, next(plain_ids), max_length))
+        else:
+            out.append(_chat_tokens(tokenizer, to_messages(record), [next(chat_ids) for _ in plan], max_length,
+                                    response_only, truncation, min_prompt_length))
+    return out
+
+
+def _text_tokens(tokenizer, ids: list[int], max_length: int) -> tuple[dict, int]:
+    if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+        ids = ids + [tokenizer.eos_token_id]  # so the model learns where a document ends
+    return {"input_ids": ids[:max_length], "labels": ids[:max_length]}, FITS if len(ids) <= max_length else TRUNCATED
+
+
+def _chat_texts(tokenizer, messages: list[dict]) -> list[str]:
+    """The texts whose tokens locate the labelled spans: the whole conversation, then for each assistant turn the
+    conversation up to it (ending with the generation prompt) and, unless it is the last message, through it.
+
+    Tokenizing the prefixes rather than searching for the answer's tokens makes the boundary exact for any
+    template, as long as the template's tokenization is prefix-stable (checked in _chat_tokens).
+    """
+    texts = [_render(tokenizer, messages)]
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            texts.append(_render(tokenizer, messages[:i], add_generation_prompt=True))
+            if i + 1 < len(messages):
+                texts.append(_render(tokenizer, messages[: i + 1]))
+    return texts
+
+
+def _chat_tokens(tokenizer, messages: list[dict], encoded: list[list[int]], max_length: int, response_only: bool,
+                 truncation: str, min_prompt_length: int) -> tuple[dict | None, int]:
+    ids, prefixes = encoded[0], iter(encoded[1:])
+    labels = [IGNORE_INDEX] * len(ids) if response_only else list(ids)
+    start = None
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = _prefix_length(next(prefixes), ids, i, add_generation_prompt=True)
+            turn = len(ids) if i + 1 == len(messages) else _prefix_length(next(prefixes), ids, i + 1)
+            if response_only:
                 end = _turn_end(tokenizer, ids, start, turn)
                 labels[start:end] = ids[start:end]
     if len(ids) <= max_length:
         return {"input_ids": ids, "labels": labels}, FITS
-    if start is None:  # (with response_only, the loop left it at the last assistant turn)
-        start = _prefix_length(tokenizer, messages[: _last_assistant(record)], ids, add_generation_prompt=True)
-    keep = max_length - (len(ids) - start)  # prompt tokens that fit beside the whole response
+    keep = max_length - (len(ids) - start)  # prompt tokens that fit beside the whole (last) response
     if keep < max(min_prompt_length, 1):
         return None, DROPPED
     if truncation == "left":
@@ -266,15 +303,10 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
     return "\n\n".join(blocks)
 
 
-def _encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    return encode_chat_text(tokenizer, _render(tokenizer, messages, add_generation_prompt))
-
-
-def _prefix_length(tokenizer, messages: list[dict], ids: list[int], add_generation_prompt: bool = False) -> int:
-    prefix = _encode_chat(tokenizer, messages, add_generation_prompt)
+def _prefix_length(prefix: list[int], ids: list[int], n_messages: int, add_generation_prompt: bool = False) -> int:
     if ids[: len(prefix)] != prefix:
         raise ValueError(
-            f"the chat template is not prefix-stable: the tokens of the first {len(messages)} message(s)"
+            f"the chat template is not prefix-stable: the tokens of the first {n_messages} message(s)"
             f"{' plus the generation prompt' if add_generation_prompt else ''} are not a prefix of the whole"
             " conversation's tokens, so the prompt/response boundary for loss masking is unknown"
         )

@@ -106,15 +106,15 @@ def _build(ds, tokenizer, data_cfg, kind: str, target) -> None:
 
 def _tokenize_batch(batch: dict, tokenizer, kind: str, max_length: int, response_only: bool, truncation: str,
                     min_prompt_length: int) -> dict:
+    records = data_lib.records_of_batch(batch)
+    if kind == "classification":
+        items = [(data_lib.tokenize_classification(tokenizer, r, max_length), data_lib.FITS) for r in records]
+    else:
+        items = data_lib.tokenize_records(tokenizer, records, max_length, response_only, truncation, min_prompt_length)
     out = {"input_ids": [], "labels": [], _FIT: []}
     if kind == "classification":
         out["attention_mask"] = []
-    for record in data_lib.records_of_batch(batch):
-        if kind == "classification":
-            item, fit = data_lib.tokenize_classification(tokenizer, record, max_length), data_lib.FITS
-        else:
-            item, fit = data_lib.tokenize_with_status(tokenizer, record, max_length, response_only, truncation,
-                                                      min_prompt_length)
+    for item, fit in items:
         item = item or {"input_ids": [], "labels": []}
         for k in out:
             out[k].append(fit if k == _FIT else item[k])

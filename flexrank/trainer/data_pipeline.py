@@ -85,7 +85,10 @@ def tokenize_train(cfg, tokenizer, run_data: RunData, main_process_first=None) -
     """The training records tokenized (each source through the cache), mixed by weight when there are several."""
     done = [tokenize_cached(p.records, tokenizer, cfg.data, run_data.kind, p.key, "train", main_process_first)
             for p in run_data.train]
-    stats = {k: sum(t.stats[k] for t in done) for k in ("records", "kept", "truncated", "dropped")}
+    stats = {k: sum(t.stats[k] for t in done) for k in ("records", "kept", "truncated", "dropped", "seconds",
+                                                         "load_seconds")}
+    stats.update(cached=all(t.stats["cached"] for t in done),
+                 records_per_s=round(stats["records"] / max(stats["seconds"], 1e-9), 1))
     if len(done) == 1:
         return Tokenized(done[0].dataset, stats)
     mixed = mix([t.dataset.items for t in done], [p.weight for p in run_data.train], cfg.data.seed,
