@@ -70,7 +70,7 @@ def test_large_file_tokenizes_once_then_loads_from_the_cache(tiny_llama_dir, tmp
     path = tmp_path / "big.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1)}) + "\n"
                             for i in range(n)))
-    cfg = recipe(tiny_llama_dir, tmp_path / "run", path=str(path), eval_size=10)
+    cfg = recipe(tiny_llama_dir, tmp_path / "run", path=str(path), eval_size=10, num_proc=2)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     from datasets import Dataset
 
