@@ -166,3 +166,27 @@ def test_bad_column_mapping_is_a_clear_error(tmp_path, tiny_llama_dir):
         recipe(tiny_llama_dir, tmp_path / "run", path=str(path), columns={"question": "instruction"})
     with pytest.raises(ConfigError, match=r"data\.path.*record 0.*cannot tell the format"):
         check_data(recipe(tiny_llama_dir, tmp_path / "run", path=str(path)))  # no mapping: not a known format
+
+
+def test_hub_dataset_from_the_hf_cache_offline(tmp_path, own_cache, monkeypatch, tokenizer, tiny_llama_dir):
+    """A hub id resolves to its snapshot in the HF cache without the hub (HF_HUB_OFFLINE), as models do."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--someorg--qa"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    pa.parquet.write_table(qa_table(30), repo / "snapshots" / commit / "data" / "train-00000-of-00001.parquet")
+    pa.parquet.write_table(qa_table(6, offset=100), repo / "snapshots" / commit / "data" / "test-00000-of-00001.parquet")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cfg = recipe(tiny_llama_dir, tmp_path / "run", path="someorg/qa", eval_split="test",
+                 columns={"instruction": "question", "output": "answer"})
+    run_data = load_data(cfg)
+    assert len(run_data.train[0].records) == 30 and [r["output"] for r in run_data.eval] == \
+        [str(2 * i + 1) for i in range(100, 106)]
+    assert commit in run_data.train[0].key  # the cache entry names the snapshot's commit
+    assert tokenize_train(cfg, tokenizer, run_data).stats["kept"] == 30
+    with pytest.raises(ConfigError, match=r"data\.path.*HF cache.*HF_HUB_OFFLINE is set and it is not cached"):
+        load_data(recipe(tiny_llama_dir, tmp_path / "run", path="someorg/missing"))

@@ -39,9 +39,11 @@ class Source:
 
 
 def is_hub_dataset(path: str) -> bool:
+    """`org/name` that is neither a local path nor a name with a data file's extension (data/train.jsonl)."""
     from .hub import is_hub_id
 
-    return is_hub_id(path) and not Path(path).expanduser().exists()
+    p = Path(path).expanduser()
+    return is_hub_id(path) and p.suffix not in (*BUILDERS, ".txt") and not p.exists()
 
 
 def read_source(source: Source):

@@ -4,9 +4,8 @@ and so the run's config.yaml, holds them absolute, so export and eval work from 
 import os
 from pathlib import Path
 
-# Keys always naming a file; model.name_or_path and distributed.backend only sometimes do.
-_FILE_KEYS = (("data", "path"), ("data", "eval_path"), ("adapter", "elastic", "nncf_config"),
-              ("distributed", "deepspeed_config"))
+# Keys always naming a file; model.name_or_path, data paths (hub dataset ids) and distributed.backend only sometimes do.
+_FILE_KEYS = (("adapter", "elastic", "nncf_config"), ("distributed", "deepspeed_config"))
 
 
 def _absolute(value, base: Path):
@@ -24,6 +23,14 @@ def _names_local_path(value, base: Path) -> bool:
     return value.startswith((".", "~", "/")) or (base / value).exists()
 
 
+def _names_data_file(value, base: Path) -> bool:
+    """A data path is a file unless it reads as a hub dataset id (org/name, no data file extension), and is no
+    local path."""
+    from .data_sources import is_hub_dataset
+
+    return not (isinstance(value, str) and is_hub_dataset(value)) or _names_local_path(value, base)
+
+
 def _parent(raw: dict, keys: tuple[str, ...]) -> dict | None:
     node = raw
     for key in keys[:-1]:
@@ -39,6 +46,11 @@ def resolve_recipe_paths(raw: dict, base: str | Path) -> None:
         node = _parent(raw, keys)
         if node is not None and keys[-1] in node:
             node[keys[-1]] = _absolute(node[keys[-1]], base)
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    sources = [data] + [s for s in data.get("datasets") or [] if isinstance(s, dict)]
+    for node, key in [(n, k) for n in sources for k in ("path", "eval_path") if k in n]:
+        if _names_data_file(node[key], base):
+            node[key] = _absolute(node[key], base)
     model = _parent(raw, ("model", "name_or_path"))
     if model is not None and _names_local_path(model.get("name_or_path"), base):
         model["name_or_path"] = _absolute(model["name_or_path"], base)
