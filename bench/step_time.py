@@ -17,7 +17,7 @@ from flexrank.trainer import data as data_lib
 from flexrank.trainer.config import load_config
 from flexrank.trainer.flex_trainer import FlexTrainer
 from flexrank.trainer.modeling import apply_adapter, load_base_model, load_tokenizer
-from flexrank.trainer.run import build_controller, load_data, tokenize
+from flexrank.trainer.run import build_controller, load_data, tokenize_train
 
 VARIANTS = {
     "flexrank lora": {"method": "lora", "r": 16},
@@ -57,7 +57,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(raw={"model": {"name_or_path": a.model}, "data": {"train_size": a.batch * a.steps}})
     tokenizer = load_tokenizer(cfg.model)
-    dataset = tokenize(cfg, tokenizer, load_data(cfg).train, "generation")
+    dataset = tokenize_train(cfg, tokenizer, load_data(cfg)).dataset
     collator = data_lib.make_collator(tokenizer, False)
 
     def plain() -> float:

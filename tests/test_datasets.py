@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet
 import pytest
+import yaml
 from transformers import AutoTokenizer
 
 from flexrank.trainer import data as data_lib
@@ -190,3 +191,20 @@ def test_hub_dataset_from_the_hf_cache_offline(tmp_path, own_cache, monkeypatch,
     assert tokenize_train(cfg, tokenizer, run_data).stats["kept"] == 30
     with pytest.raises(ConfigError, match=r"data\.path.*HF cache.*HF_HUB_OFFLINE is set and it is not cached"):
         load_data(recipe(tiny_llama_dir, tmp_path / "run", path="someorg/missing"))
+
+
+def test_ddp_main_process_tokenizes_the_other_loads(tmp_path, own_cache, tiny_llama_dir):
+    """2 processes (DDP, gloo): one tokenization, by the main process; the other process waits, then loads it."""
+    from dist_helpers import metrics, recipe, run, train_args
+
+    path = recipe(tmp_path, tiny_llama_dir, "lora", max_steps=2)
+    raw = yaml.safe_load(path.read_text())
+    data = tmp_path / "qa.parquet"
+    pa.parquet.write_table(qa_table(60), data)
+    raw["data"] = {"path": str(data), "eval_size": 6, "columns": {"instruction": "question", "output": "answer"}}
+    path.write_text(yaml.safe_dump(raw))
+    proc = run(train_args(path, tmp_path / "ddp", "ddp"))
+    log = proc.stdout + proc.stderr
+    assert log.count("records tokenized in") == 2 and "(process 1)" not in log, log[-3000:]  # train + held-out
+    assert len(list((own_cache / "tokenized").iterdir())) == 2
+    assert metrics(tmp_path / "ddp")["data"] == {"train": 54, "eval": 6}

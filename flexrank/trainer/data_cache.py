@@ -62,12 +62,14 @@ def tokenize_cached(ds, tokenizer, data_cfg, kind: str, source_key: str, name: s
         dataset = load_from_disk(str(target))
         stats = {**json.loads((target / STATS_FILE).read_text()), "cached": not built,
                  "load_seconds": round(time.perf_counter() - t0, 3)}
-    if int(os.environ.get("RANK", 0)) == 0:
+    rank = int(os.environ.get("RANK", 0))
+    if built or rank == 0:  # (a process that tokenizes always says so: only one should)
         how = (f"tokenized in {stats['seconds']:.1f} s ({stats['records_per_s']:,.0f} records/s)" if built
                else f"loaded from the cache in {stats['load_seconds']:.2f} s")
         cut = f"; {stats['truncated']} prompts truncated, {stats['dropped']} records dropped (too long)" \
             if stats["truncated"] or stats["dropped"] else ""
-        print(f"[flexrank] {name} data: {stats['records']} records {how} ({target}){cut}", flush=True)
+        who = f" (process {rank})" if built and rank else ""
+        print(f"[flexrank] {name} data: {stats['records']} records {how}{who} ({target}){cut}", flush=True)
     return Tokenized(data_lib.TokenizedDataset(dataset), stats)
 
 
