@@ -23,7 +23,7 @@ SOURCE_HELP = ("a .json list, .jsonl, .csv, .parquet or .txt file, or a hub data
                "of alpaca {system?, instruction, input?, output}, chat {messages: [{role, content}, ...]} or text "
                "{text} records")
 _DATA_FILES = ["*.json", "*.jsonl", "*.csv", "*.parquet", "*.txt", "*.arrow", "**/*.json", "**/*.jsonl",
-               "**/*.csv", "**/*.parquet", "**/*.txt", "**/*.arrow", "README.md", "*.py"]
+               "**/*.csv", "**/*.parquet", "**/*.txt", "**/*.arrow", "README.md"]  # data files only: no dataset scripts
 
 
 @dataclass(frozen=True)
