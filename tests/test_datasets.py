@@ -165,6 +165,8 @@ def test_bad_column_mapping_is_a_clear_error(tmp_path, tiny_llama_dir):
     assert "'prompt'" in message and str(path) in message and "['question', 'answer', 'source']" in message
     with pytest.raises(ConfigError, match=r"data\.columns\.question.*record fields"):
         recipe(tiny_llama_dir, tmp_path / "run", path=str(path), columns={"question": "instruction"})
+    with pytest.raises(ConfigError, match=r"data\.eval_split.*only with a hub dataset id"):
+        recipe(tiny_llama_dir, tmp_path / "run", path=str(path), eval_split="test")  # a file has no splits
     with pytest.raises(ConfigError, match=r"data\.path.*record 0.*cannot tell the format"):
         check_data(recipe(tiny_llama_dir, tmp_path / "run", path=str(path)))  # no mapping: not a known format
 

@@ -136,6 +136,13 @@ class DataConfig(_Section):
             raise ConfigError("data.datasets", len(self.datasets), "data.path or data.datasets, not both",
                               "list the file under data.datasets with its weight")
         _check_columns(self.columns, "data.columns")
+        from .data_sources import is_hub_dataset
+
+        hub_only = {"name": self.name, "eval_split": self.eval_split, "revision": self.revision}
+        for key, value in hub_only.items():
+            if value is not None and not (self.path and is_hub_dataset(self.path)):
+                raise ConfigError(f"data.{key}", value, "only with a hub dataset id (org/name) in data.path",
+                                  f"data.path is {self.path!r}")
         return self
 
 

@@ -2,7 +2,7 @@
 into training and held-out records, tokenized through the cache (data_cache.py), mixed by weight."""
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,11 +25,6 @@ class RunData:
     train: list[TrainPart]
     eval: list[dict]
     eval_key: str | None = None
-    sizes: list[int] = field(default_factory=list)
-
-    @property
-    def n_train(self) -> int:
-        return sum(len(p.records) for p in self.train)
 
 
 def load_data(cfg) -> RunData:

@@ -19,7 +19,6 @@ from . import checkpoints
 from .atomic import atomic_path, write_atomic
 from . import data as data_lib
 from .backends import apply_cpu_shims, backend_of, full_state_dict, zero3_init_as_configured
-from .checks import task_for
 from .config import RunConfig, dump_config, load_config
 from .data_pipeline import RunData, load_data, tokenize, tokenize_train  # noqa: F401 (the CLI and search use them)
 from .controllers import AdaLoRAController, ElasticController, RankController, SoRAController
