@@ -87,9 +87,14 @@ def evaluate_generation(model, tokenizer, records: list[dict], batch_size: int =
                         shard: Shard = Shard(), progress=None) -> dict:
     """Greedy generation for each record's prompt, scored by exact match against its last assistant turn."""
     preds = generate_answers(model, tokenizer, records, batch_size, max_new_tokens, shard, progress)
+    return {**exact_match_report(preds, records), "n": len(records)}
+
+
+def exact_match_report(preds: list[str], records: list[dict]) -> dict:
+    """Exact match of the predictions against the records' last assistant turns, with the first five shown."""
     refs = [reference_answer(r) for r in records]
     examples = [{"input": _shown_input(r), "pred": p, "ref": ref} for r, p, ref in zip(records[:5], preds, refs)]
-    return {"exact_match": exact_match(preds, refs), "n": len(records), "examples": examples}
+    return {"exact_match": exact_match(preds, refs), "examples": examples}
 
 
 @torch.no_grad()
