@@ -10,6 +10,7 @@ import warnings
 HARMLESS_LOG_LINES: dict[str, tuple[str, ...]] = {
     # torchao ships CUDA-only kernels; on import it reports each one it could not load
     "torchao": (r"^Failed to load .*\.so\b",),
+    "torchao.kernel.intmm": (r"Detected no triton",),  # CPU machines have no triton; nothing to do
     # torchao registers Enum subclasses with torch's pytree on every `from transformers import Trainer`
     "torch.utils._pytree": (r"is an Enum subclass and is now natively supported by torch\.compile",),
     # bitsandbytes' optional CPU kernel from the hub (`kernels` package); the built-in CPU path is used instead
