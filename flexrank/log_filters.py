@@ -3,6 +3,7 @@ before torch/transformers print them). Only WARNING-level (or lower) lines that 
 errors, and anything not listed here, always get through."""
 
 import logging
+import os
 import re
 import warnings
 
@@ -47,3 +48,5 @@ def install() -> None:
             logger.addFilter(HarmlessLineFilter(patterns))
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    if int(os.environ.get("RANK", "0")) != 0:  # launched processes other than the main one: no weight-loading bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

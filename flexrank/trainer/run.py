@@ -142,7 +142,8 @@ def _steps_per_epoch(cfg: RunConfig, n_train: int) -> int:
 
 def training_arguments(cfg: RunConfig) -> TrainingArguments:
     use_liger, why = choose_liger(cfg.model.liger_kernel)
-    print(f"[flexrank] liger kernel: {'on' if use_liger else 'off'} ({why})")
+    if _is_main_process():
+        print(f"[flexrank] liger kernel: {'on' if use_liger else 'off'} ({why})")
     try:
         return TrainingArguments(**{**cfg.training, "use_liger_kernel": use_liger})
     except (TypeError, ValueError) as exc:
@@ -209,7 +210,8 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     train_set, eval_set = (tokenize(cfg, tokenizer, r, run_data.kind) for r in (run_data.train, run_data.eval))
     collator = data_lib.make_collator(tokenizer, cfg.data.packing)
     eval_collator = data_lib.make_collator(tokenizer, False)
-    print(f"[flexrank] data: {len(train_set)} train / {len(eval_set)} held-out records ({run_data.kind})")
+    if _is_main_process():
+        print(f"[flexrank] data: {len(train_set)} train / {len(eval_set)} held-out records ({run_data.kind})")
 
     with zero3_init_as_configured(args):
         model = load_base_model(cfg.model, tokenizer)
