@@ -125,7 +125,8 @@ def test_harmless_warning_filter_drops_known_lines_keeps_errors():
     with warnings.catch_warnings(record=True) as caught:
         warnings.resetwarnings()
         log_filters.install()
-        warnings.warn("torch.distributed._all_gather_base is a private function and will be deprecated", FutureWarning)
+        warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "  # DeepSpeed, every step
+                      "`torch.distributed.reduce_scatter_single` instead.", FutureWarning)
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("this one matters", UserWarning)
     assert [str(w.message) for w in caught] == ["this one matters"]
