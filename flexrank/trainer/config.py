@@ -260,6 +260,15 @@ class EvalConfig(_Section):
     after: bool = True
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(8, gt=0)
+    metrics: Any = "auto"  # 'auto' or [loss, exact_match, choice, package.module:function] (eval_metrics.py)
+    choices: list[str] | None = None  # the closed label set of `choice` (default: the data's distinct answers)
+
+    @model_validator(mode="after")
+    def _metrics(self):
+        from .eval_metrics import check_metrics
+
+        object.__setattr__(self, "metrics", check_metrics(self.metrics))  # a lone name becomes a list
+        return self
 
 
 class DistributedConfig(_Section):

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +24,10 @@ from .config import RunConfig, dump_config, load_config
 from .data_pipeline import RunData, load_data, tokenize, tokenize_train  # noqa: F401 (the CLI and search use them)
 from .controllers import AdaLoRAController, ElasticController, RankController, SoRAController
 from .errors import ConfigError
-from .evaluation import evaluate_classification, evaluate_generation, evaluate_loss
+from . import eval_metrics
+from .eval_metrics import evaluate_classifier
+from .eval_shard import current_shard
+from .evaluation import evaluate_loss
 from .export import NothingToExport, export_plain_adapter
 from .flex_trainer import STATE_FILE, FlexTrainer, write_json
 from .kernels import choose_liger
@@ -37,15 +41,16 @@ SPARSE_BASE = "sparse_base"
 
 
 def evaluate(cfg: RunConfig, model, tokenizer, run_data: RunData, eval_set, collator) -> dict:
-    """The task metric on held-out data, plus loss/perplexity for language modelling."""
+    """The eval.metrics on held-out data (sharded over the processes), or accuracy for a classifier."""
     if run_data.kind == "classification":
-        return evaluate_classification(model, tokenizer, run_data.eval, batch_size=cfg.eval.batch_size,
-                                       max_length=cfg.data.max_length)
-    result = evaluate_loss(model, eval_set, collator, batch_size=cfg.eval.batch_size)
-    if run_data.kind == "generation" and cfg.data.task:
-        result.update(evaluate_generation(model, tokenizer, run_data.eval, batch_size=cfg.eval.batch_size,
-                                          max_new_tokens=cfg.eval.max_new_tokens))
-    return result
+        return evaluate_classifier(model, tokenizer, run_data.eval, cfg.eval.batch_size, cfg.data.max_length)
+    start = time.perf_counter()
+    metrics = eval_metrics.resolve(cfg.eval.metrics, run_data.kind, bool(cfg.data.task), run_data.eval, tokenizer,
+                                   cfg.eval.max_new_tokens)
+    labels = eval_metrics.label_set(cfg.eval.choices, run_data.train + run_data.eval) if "choice" in metrics else None
+    result = eval_metrics.evaluate_task(model, tokenizer, run_data.eval, eval_set, collator, metrics, labels=labels,
+                                        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    return {**result, "seconds": round(time.perf_counter() - start, 3)}
 
 
 class SoRAStageEval(TrainerCallback):
@@ -104,7 +109,8 @@ def _steps_per_epoch(cfg: RunConfig, n_train: int) -> int:
 
 def training_arguments(cfg: RunConfig) -> TrainingArguments:
     use_liger, why = choose_liger(cfg.model.liger_kernel)
-    print(f"[flexrank] liger kernel: {'on' if use_liger else 'off'} ({why})")
+    if _is_main_process():
+        print(f"[flexrank] liger kernel: {'on' if use_liger else 'off'} ({why})")
     try:
         return TrainingArguments(**{**cfg.training, "use_liger_kernel": use_liger})
     except (TypeError, ValueError) as exc:
@@ -174,7 +180,8 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     train_set = train_tokens.dataset
     collator = data_lib.make_collator(tokenizer, cfg.data.packing)
     eval_collator = data_lib.make_collator(tokenizer, False)
-    print(f"[flexrank] data: {len(train_set)} train / {len(eval_set)} held-out records ({run_data.kind})")
+    if _is_main_process():
+        print(f"[flexrank] data: {len(train_set)} train / {len(eval_set)} held-out records ({run_data.kind})")
 
     with zero3_init_as_configured(args):
         model = load_base_model(cfg.model, tokenizer)
@@ -205,13 +212,14 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
 
     if cfg.eval.before:
         metrics["before"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
-        print(f"[flexrank] before training: {_summary(metrics['before'])}")
+        if _is_main_process():
+            print(f"[flexrank] before training: {_summary(metrics['before'])}")
     trainer = FlexTrainer(model=peft_model, args=args, train_dataset=train_set, data_collator=collator,
                           controller=controller)
     if isinstance(controller, SoRAController) and cfg.adapter.sora.evaluate_stages:
         stages = metrics["sora_stages"] = []
         trainer.add_callback(SoRAStageEval(controller, lambda: evaluate_loss(
-            peft_model, eval_set, eval_collator, batch_size=cfg.eval.batch_size), stages))
+            peft_model, eval_set, eval_collator, batch_size=cfg.eval.batch_size, shard=current_shard()), stages))
     trainer.add_callback(preemption)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if preemption.stopped_at is not None:  # a checkpoint, but no metrics/adapter as if the run had finished
@@ -276,8 +284,13 @@ def _uses_nncf(cfg: RunConfig) -> bool:
 
 
 def _summary(m: dict) -> str:
-    keys = ("exact_match", "accuracy", "loss", "perplexity")
-    return ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
+    """One line per evaluation phase: the task metrics first (user metrics too), then loss, then the time."""
+    first = ("exact_match", "choice", "accuracy")
+    skip = ("n", "tokens", "choice_labels", "seconds", "active_rank", "active_lora_params", "loss", "perplexity")
+    keys = [k for k in first if k in m] + [k for k, v in m.items() if k not in first + skip
+                                           and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    line = ", ".join(f"{k}={m[k]:.4f}" for k in keys + [k for k in ("loss", "perplexity") if k in m])
+    return line + (f" ({m['n']} records, {m['seconds']:.1f} s)" if "seconds" in m else "")
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()):

@@ -1,0 +1,49 @@
+"""Sharded evaluation: `choice`, `exact_match` and `loss` on 2 processes (DDP, ZeRO-3 with generation under
+synced_gpus) equal one process's numbers. learning_rate 0 so that the trained adapter is the initial one."""
+
+import json
+
+import pytest
+import yaml
+
+from dist_helpers import metrics, run, train_args
+
+LABELS = ["sports", "business", "tech", "politics"]
+
+
+@pytest.fixture(scope="module")
+def topic_recipe(tmp_path_factory, tiny_llama_dir):
+    tmp = tmp_path_factory.mktemp("sharded_eval")
+    records = [{"instruction": "Topic of this headline?", "input": f"headline {i} on {LABELS[i % 4]}",
+                "output": LABELS[i % 4]} for i in range(50)]
+    (tmp / "topics.json").write_text(json.dumps(records))
+    raw = {"model": {"name_or_path": str(tiny_llama_dir)},
+           # 10 held-out records in batches of 4: 3 batches, so one process runs a padding forward
+           "data": {"path": str(tmp / "topics.json"), "eval_size": 10},
+           "adapter": {"method": "lora", "r": 4},
+           "eval": {"before": False, "after": True, "batch_size": 4, "max_new_tokens": 4,
+                    "metrics": ["loss", "exact_match", "choice"]},
+           "training": {"learning_rate": 0.0, "per_device_train_batch_size": 2, "max_steps": 1, "report_to": [],
+                        "seed": 0}}
+    path = tmp / "topics.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(topic_recipe):
+    out = topic_recipe.parent / "single"
+    run(train_args(topic_recipe, out, "single"))
+    return metrics(out)["after"]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_two_processes_match_one(topic_recipe, single, backend):
+    out = topic_recipe.parent / backend
+    proc = run(train_args(topic_recipe, out, backend))
+    after = metrics(out)["after"]
+    assert after["n"] == single["n"] == 10 and after["choice_labels"] == 4
+    for key in ("choice", "exact_match", "loss", "tokens"):
+        assert after[key] == single[key], key  # same batches, gathered in order: bit-identical
+    assert [e["pred"] for e in after["examples"]] == [e["pred"] for e in single["examples"]]
+    assert proc.stdout.count("[flexrank] after training: exact_match=") == 1  # one summary line, main process
