@@ -94,3 +94,35 @@ def test_subnet_cost_is_what_the_search_and_the_report_count():
                                          (1_709_925_466_112, "1.71T"), (4224, "4.22K"), (42, "42")])
 def test_human_counts_have_three_significant_digits(count, text):
     assert human(count) == text
+
+
+def test_check_reports_sizes_of_a_config_only_llama_7b(tmp_path):
+    """`flexrank check` on a model folder holding only config.json (built on the meta device, no weights)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "llama7b").mkdir()
+    (tmp_path / "llama7b" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "tie_word_embeddings": False}))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tmp_path / "llama7b")},
+        "adapter": {"method": "elastic", "r": 32, "target_modules": LORA_TARGETS,
+                    "elastic": {"search_space": {"groups": [["q_proj", "k_proj", "v_proj"],
+                                                            ["up_proj", "gate_proj", "down_proj"]],
+                                                 "widths": [32, 28, 24]}}}}))
+    proc = subprocess.run([sys.executable, "-m", "flexrank", "check", "recipe.yaml"], cwd=tmp_path, text=True,
+                          capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("#   ")]
+    # Adapter ranks only (base widths need i14a's groups): 32 per layer x (3 x (4096 + 4096) + 3 x (4096 + 11008))
+    # at rank 32 / 28 / 24 on top of the 6.61B base Linear weights.
+    assert lines == ["#   maximal: params 6.68B, MACs/token 6.68B (base 6.61B, adapter 71.6M)",
+                     "#   heuristic: params 6.67B, MACs/token 6.67B (base 6.61B, adapter 62.6M)",
+                     "#   minimal: params 6.66B, MACs/token 6.66B (base 6.61B, adapter 53.7M)"]
+    yaml.safe_load(proc.stdout)  # still the resolved recipe, as YAML

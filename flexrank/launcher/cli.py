@@ -144,8 +144,13 @@ def _check(args) -> None:
     from ..trainer.config import dump_config, load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    check_recipe(cfg)
+    report = check_recipe(cfg)
     print(dump_config(cfg), end="")
+    if report:  # YAML comments: stdout stays the resolved recipe
+        from ..trainer.elastic.cost import format_size_report
+
+        print("# size, Linear layers counted as LoNAS/NNCF count them (params in x out, MACs per token in x out):")
+        print("\n".join(f"#   {line}" for line in format_size_report(report).splitlines()))
 
 
 def _prepare(args) -> None:
