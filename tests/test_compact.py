@@ -126,3 +126,43 @@ def test_refuses_a_foreign_folder_and_widths_that_do_not_fit(supernet, tmp_path)
     with pytest.raises(ConfigError, match="intermediate_size"):
         export_compact(supernet, {1: LayerWidths(mlp=256)}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_exports_a_trained_runs_subnet_compact(tiny_llama_dir, tmp_path):
+    """`flexrank export RUN --subnet minimal --compact OUT --keep-adapter` on a trained elastic run (adapter ranks
+    only: the supernet's base-width groups come with i14a's search space), its metrics.json size report, and
+    a foreign --compact folder refused before the model loads."""
+    import subprocess
+    import sys
+
+    from dist_helpers import recipe
+    from flexrank.trainer.config import load_config
+    from flexrank.trainer.run import load_run, train
+
+    run = tmp_path / "run"
+    metrics = train(load_config(recipe(tmp_path, tiny_llama_dir, "elastic", max_steps=2),
+                                [f"training.output_dir={run}"]))
+    size = metrics["size"]
+    assert size["maximal"]["base_params"] == size["minimal"]["base_params"]
+    # The minimal subnet (rank 4 everywhere) of the maximal (8): half the adapter.
+    assert size["minimal"]["adapter_params"] * 2 == size["maximal"]["adapter_params"]
+    out = tmp_path / "compact"
+    proc = subprocess.run([sys.executable, "-m", "flexrank", "export", str(run), "--subnet", "minimal",
+                           "--compact", str(out), "--keep-adapter"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, _, supernet, controller = load_run(run)
+    controller.activate("minimal")
+    ids = torch.randint(0, 2000, (2, 10), generator=torch.Generator().manual_seed(4))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - supernet.eval()(input_ids=ids).logits).abs().max()
+    assert diff <= 1e-4
+    assert set(model.peft_config["default"].rank_pattern.values()) == {4}
+    assert (out / "tokenizer_config.json").exists()
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, "-m", "flexrank", "export", str(run), "--compact", str(tmp_path / "mine")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "flexrank: error: --compact:" in proc.stderr and "attention kernel" not in proc.stdout
