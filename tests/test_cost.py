@@ -126,3 +126,22 @@ def test_check_reports_sizes_of_a_config_only_llama_7b(tmp_path):
                      "#   heuristic: params 6.67B, MACs/token 6.67B (base 6.61B, adapter 62.6M)",
                      "#   minimal: params 6.66B, MACs/token 6.66B (base 6.61B, adapter 53.7M)"]
     yaml.safe_load(proc.stdout)  # still the resolved recipe, as YAML
+
+
+def test_bert_cut_names_heads_and_intermediate():
+    """BERT names (the bundled MiniLM's): query/key/value outputs and attention.output.dense inputs for an
+    attention cut; intermediate.dense outputs and the layer's output.dense inputs for an MLP cut."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                                     num_hidden_layers=2, vocab_size=100))
+    costs = CostModel.of(model)
+    base = base_overrides(costs.base, {1: LayerWidths(mlp=32, attention=48)}, costs.head_dim)
+    L1 = "bert.encoder.layer.1"
+    assert {name: (s.in_features, s.out_features) for name, s in base.items()} == {
+        f"{L1}.attention.self.query": (64, 48), f"{L1}.attention.self.key": (64, 48),
+        f"{L1}.attention.self.value": (64, 48), f"{L1}.attention.output.dense": (48, 64),
+        f"{L1}.intermediate.dense": (64, 32), f"{L1}.output.dense": (32, 64)}
+    full = costs.cost(SubnetShape({})).base_params
+    # 3 x 64 x 16 (q/k/v) + 16 x 64 (attention output) + 96 x 64 (intermediate) + 96 x 64 (output) fewer
+    assert costs.cost(SubnetShape({}, base)).base_params == full - (4 * 64 * 16 + 2 * 96 * 64)
