@@ -125,6 +125,8 @@ def test_refuses_a_foreign_folder_and_widths_that_do_not_fit(supernet, tmp_path)
         export_compact(supernet, {0: LayerWidths(attention=24)}, tmp_path / "out")
     with pytest.raises(ConfigError, match="intermediate_size"):
         export_compact(supernet, {1: LayerWidths(mlp=256)}, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"layers 0\.\.1"):
+        export_compact(supernet, {5: LayerWidths(mlp=64)}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -166,3 +168,11 @@ def test_cli_exports_a_trained_runs_subnet_compact(tiny_llama_dir, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "flexrank: error: --compact:" in proc.stderr and "attention kernel" not in proc.stdout
+
+
+def test_refuses_a_plain_lora_model(tmp_path):
+    """A plain peft LoRA (no rank layer, no subnet): nothing to slice ranks from; refused, nothing written."""
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config()), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="rank layer"):
+        export_compact(model, {}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

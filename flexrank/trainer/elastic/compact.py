@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..export import _PEFT_PREFIX, _plain_config, plain_lora_state, save_export
+from ..rank_layer import rank_layers
 from ..search_space import layer_index
 from .base_shape import BaseWidths
 from .cost import base_role
@@ -44,9 +45,14 @@ class Plan:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         layers = range(config.num_hidden_layers)
+        outside = sorted(set(widths) - set(layers))
+        if outside:
+            raise ConfigError("base widths", f"layer {outside[0]}", f"layers 0..{config.num_hidden_layers - 1}")
         mlp = {i: widths[i].mlp if i in widths and widths[i].mlp is not None else inter for i in layers}
         for i, w in mlp.items():
-            if w is None or not 0 < w <= inter:
+            if inter is None and w is not None:
+                raise ConfigError(f"base width of layer {i} (mlp)", w, "none: the config has no intermediate_size")
+            if inter is not None and not 0 < w <= inter:
                 raise ConfigError(f"base width of layer {i} (mlp)", w, f"1..{inter} (the model's intermediate_size)")
         attention = {}
         for i in layers:
@@ -57,7 +63,7 @@ class Plan:
             attention[i] = c // self.head_dim
         self.mlp_width = {i: w for i, w in mlp.items()}
         self.layer_heads = attention
-        self.intermediate_size = max(mlp.values())
+        self.intermediate_size = inter and max(mlp.values())
         group = heads // kv_heads
         # A head count only shrinks where the config states the head size (Llama-style head_dim); BERT keeps all.
         can_shrink = "head_dim" in config.to_dict()
@@ -106,6 +112,9 @@ def _narrowed(name: str) -> tuple[str, int] | None:
 def compact_model_state(peft_model, adapter: str = "default", merge: bool = True):
     """(base state dict with clean names, plain adapter state, rank_pattern, alpha_pattern) of the active
     subnet's ranks; with merge the adapter is added to the base weights (and the adapter state is empty)."""
+    if not rank_layers(peft_model) or peft_model.peft_config[adapter].fan_in_fan_out:
+        raise ConfigError("--compact", type(peft_model.get_base_model()).__name__,
+                          "a run on flexrank's rank layer (elastic, sora, adalora) over nn.Linear weights")
     lora, ranks, alphas = plain_lora_state(peft_model, adapter)
     base = {}
     for key, value in peft_model.get_base_model().state_dict().items():
