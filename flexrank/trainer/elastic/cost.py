@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..rank_layer import RankLoraLinear
+from ..search_space import layer_index
+from .base_shape import BaseWidths
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,9 @@ def kv_width(query_width: int, query_full: int, kv_full: int, head_dim: int | No
     return min(kv_full, -(-heads // group) * head_dim)
 
 
-def base_overrides(shapes: dict[str, LinearShape], widths, head_dim: int | None = None) -> dict[str, LinearShape]:
+def base_overrides(shapes: dict[str, LinearShape], widths: BaseWidths,
+                   head_dim: int | None = None) -> dict[str, LinearShape]:
     """The (in, out) of every base module a BaseWidths ({layer: LayerWidths}) narrows, for SubnetShape.base."""
-    from ..search_space import layer_index
-
     if not widths:
         return {}
     by_layer: dict[int, dict[str, tuple[str, LinearShape]]] = {}
