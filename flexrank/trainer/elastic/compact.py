@@ -28,8 +28,6 @@ from ..search_space import layer_index
 from .base_shape import BaseWidths
 from .cost import base_role
 
-_SUFFIXES = (".weight", ".bias")
-
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
@@ -61,8 +59,7 @@ class Plan:
                 raise ConfigError(f"base width of layer {i} (attention)", c,
                                   f"whole heads: a multiple of {self.head_dim} up to {heads * self.head_dim}")
             attention[i] = c // self.head_dim
-        self.mlp_width = {i: w for i, w in mlp.items()}
-        self.layer_heads = attention
+        self.mlp_width, self.layer_heads = mlp, attention
         self.intermediate_size = inter and max(mlp.values())
         group = heads // kv_heads
         # A head count only shrinks where the config states the head size (Llama-style head_dim); BERT keeps all.
@@ -93,6 +90,8 @@ class Plan:
 def _slice(tensor: torch.Tensor, role: str, plan: Plan, layer: int, is_weight: bool, lora: str | None = None):
     """Cut one tensor of a narrowed module. lora: None for the base, 'A' / 'B' for the adapter's matrices."""
     keep = plan.keep(role)
+    if keep is None:  # an MLP without intermediate_size in its config (BLOOM's 4 x hidden): never cut
+        return tensor
     if role in ("mlp_in", "attn_in"):
         if lora == "B" or not is_weight:  # output side (bias, lora_B rows) is not cut
             return tensor
