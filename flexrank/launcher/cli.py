@@ -41,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subnet", default="heuristic",
                    help="maximal | heuristic | minimal | a JSON {group: width} (elastic runs; AdaLoRA and SoRA "
                         "runs export the ranks they learned)")
-    p.add_argument("--out", required=True, help="output folder of the plain adapter")
+    p.add_argument("--out", help="output folder of the plain adapter")
+    p.add_argument("--compact", metavar="DIR", help="also (or only) write a physically smaller HF model: the base "
+                                                    "sliced to the subnet's base widths, the adapter merged")
+    p.add_argument("--keep-adapter", action="store_true",
+                   help="with --compact: write the subnet's adapter as a plain peft adapter in DIR/adapter "
+                        "instead of merging it")
     p.add_argument("--merge-sparse", metavar="DIR",
                    help="also write the base with the adapter merged, keeping the base's zeros (Shears/SparsePEFT)")
     p = sub.add_parser("eval", help="evaluate a finished run's adapter (elastic: one or more subnets)")
@@ -144,8 +149,13 @@ def _check(args) -> None:
     from ..trainer.config import dump_config, load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    check_recipe(cfg)
+    report = check_recipe(cfg)
     print(dump_config(cfg), end="")
+    if report:  # YAML comments: stdout stays the resolved recipe
+        from ..trainer.elastic.cost import format_size_report
+
+        print("# size, Linear layers counted as LoNAS/NNCF count them (params in x out, MACs per token in x out):")
+        print("\n".join(f"#   {line}" for line in format_size_report(report).splitlines()))
 
 
 def _prepare(args) -> None:
@@ -171,13 +181,27 @@ def _export(args) -> None:
     from ..trainer.export import export_plain_adapter, refuse_foreign_folder, save_export
     from ..trainer.run import load_run
 
-    refuse_foreign_folder(Path(args.out), "--out")  # before the model loads
-    if args.merge_sparse:
-        refuse_foreign_folder(Path(args.merge_sparse), "--merge-sparse")
-    _, _, peft_model, controller = load_run(args.run_dir)
+    if not (args.out or args.compact):
+        raise ConfigError("--out", None, "--out DIR (plain adapter) and/or --compact DIR (smaller merged model)")
+    if args.keep_adapter and not args.compact:
+        raise ConfigError("--keep-adapter", True, "only with --compact DIR")
+    for key, folder in (("--out", args.out), ("--merge-sparse", args.merge_sparse), ("--compact", args.compact)):
+        if folder:
+            refuse_foreign_folder(Path(folder), key)  # before the model loads
+    _, tokenizer, peft_model, controller = load_run(args.run_dir)
     if isinstance(controller, ElasticController):  # any subnet; AdaLoRA/SoRA export the ranks they learned
         print(f"[flexrank] subnet: {controller.activate(_subnet_arg(args.subnet))}")
-    print(json.dumps({k: v for k, v in export_plain_adapter(peft_model, args.out).items() if k != "rank_pattern"}))
+    if args.out:
+        print(json.dumps({k: v for k, v in export_plain_adapter(peft_model, args.out).items()
+                          if k != "rank_pattern"}))
+    if args.compact:
+        from ..trainer.elastic.compact import export_compact
+
+        widths = controller.space.base_widths(controller.config) if isinstance(controller, ElasticController) else {}
+        summary = export_compact(peft_model, widths, args.compact, merge=not args.keep_adapter, tokenizer=tokenizer)
+        print(f"[flexrank] compact model in {args.compact}: " + json.dumps(
+            {k: summary[k] for k in ("params", "adapter_params", "intermediate_size", "num_attention_heads",
+                                     "num_key_value_heads", "merged")}))
     if args.merge_sparse:
         from ..trainer.sparsity import sparse_merge, sparsity_of
 

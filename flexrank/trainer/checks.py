@@ -28,18 +28,26 @@ def already_checked() -> bool:
     return os.environ.get(CHECKED_ENV) == "1"
 
 
-def check_recipe(cfg: RunConfig, build_training_arguments: bool = True) -> None:
+def check_recipe(cfg: RunConfig, build_training_arguments: bool = True) -> dict | None:
     """Raise ConfigErrors listing every problem found; `build_training_arguments=False` inside launched worker
-    processes, where building TrainingArguments would set up the distributed state."""
+    processes, where building TrainingArguments would set up the distributed state. Returns an elastic recipe's
+    size report (params / MACs per token of the maximal, heuristic, minimal subnets), else None."""
     problems = training_problems(cfg.training, build_training_arguments)
     nncf = _collect(problems, read_nncf_config, cfg)
-    names = _collect(problems, adapted_modules, cfg)
+    model = _collect(problems, meta_peft_model, cfg)
+    names = adapter_names(model) if model is not None else None
     elastic = cfg.adapter.elastic
+    space = None
     if names is not None and elastic is not None and (nncf is not None or not elastic.nncf_config):
-        _collect(problems, check_search_space, cfg, names, nncf)
+        space = _collect(problems, check_search_space, cfg, names, nncf)
     _collect(problems, check_data, cfg)
     if problems:
         raise ConfigErrors(problems)
+    if space is None:
+        return None
+    from .elastic.cost import CostModel, size_report
+
+    return size_report(CostModel.of(model), space)
 
 
 def _collect(problems: list, check, *args):
@@ -110,13 +118,25 @@ def training_problems(training: dict, build: bool = True) -> list[ConfigError]:
 
 def adapted_modules(cfg: RunConfig) -> list[str]:
     """Names of the modules the adapter wraps, from the model built on the meta device (no weights read)."""
+    return adapter_names(meta_peft_model(cfg))
+
+
+def adapter_names(peft_model) -> list[str]:
+    from .rank_layer import rank_layers
+
+    layers = rank_layers(peft_model)
+    return list(layers) if layers else [n for n, mod in peft_model.named_modules() if hasattr(mod, "lora_A")]
+
+
+def meta_peft_model(cfg: RunConfig):
+    """The model with the adapter applied, built on the meta device from config.json alone (no weights read):
+    a model folder holding only a config.json is enough."""
     from accelerate import init_empty_weights
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .assets import resolve_model
     from .modeling import adapter_config
-    from .rank_layer import rank_layers
 
     m = cfg.model
     path = resolve_model(m.name_or_path, m.revision)
@@ -142,8 +162,7 @@ def adapted_modules(cfg: RunConfig) -> list[str]:
             raise ConfigError("adapter.target_modules", cfg.adapter.target_modules,
                               f"'all-linear' or linear modules of the model: {linear}",
                               " ".join(str(exc).split())[:200]) from None
-    layers = rank_layers(peft_model)
-    return list(layers) if layers else [n for n, mod in peft_model.named_modules() if hasattr(mod, "lora_A")]
+    return peft_model
 
 
 def _check_target_names(targets, module_names: list[str], linear: list[str]) -> None:

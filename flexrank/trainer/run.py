@@ -239,6 +239,12 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
             peft_model.peft_config["default"].save_pretrained(tmp)
             torch.save(controller.state_dict(), tmp / STATE_FILE)  # masks, importance, sampler
     if isinstance(controller, ElasticController):
+        from .elastic.cost import CostModel, format_size_report, size_report
+
+        if not nncf_int4:  # nncf's adapters live in weight quantizers, not in rank layers the cost model counts
+            metrics["size"] = size_report(CostModel.of(peft_model), controller.space)  # module shapes: no gathering
+            if main:
+                print("[flexrank] size: " + "; ".join(format_size_report(metrics["size"]).splitlines()))
         metrics["subnets"] = {}
         for which in cfg.adapter.elastic.evaluate_subnets if cfg.eval.after else []:
             controller.activate(which)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .cost import CostModel, SubnetShape
+from .cost import CostModel, subnet_cost
 from .nsga import NSGASettings, nsga2
 from .results import EvalCache, Row, config_key, digest, front_rows, plot, select_best, write_csv, write_json
 
@@ -280,8 +280,7 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     costs = CostModel.of(model)
 
     def row(generation, source, config, metric) -> Row:
-        return Row(generation, source, config, metric,
-                   costs.cost(SubnetShape(space.module_widths(config))).as_dict())
+        return Row(generation, source, config, metric, subnet_cost(costs, space, config).as_dict())
 
     baselines = {name: getattr(space, name)() for name in ("maximal", "heuristic", "minimal")}
     losses = controller.step_losses()
@@ -343,6 +342,6 @@ def _test(scorer, out: Path, subnets: dict, workers, costs, space) -> dict:
     """The chosen, heuristic and maximal subnets on held-out records the search did not use."""
     cache = EvalCache(out / "cache" / f"test-{digest(scorer.identity())}.jsonl")
     metrics = score_all(list(subnets.values()), scorer, cache, workers)
-    result = {name: {scorer.name: m, **costs.cost(SubnetShape(space.module_widths(c))).as_dict()}
+    result = {name: {scorer.name: m, **subnet_cost(costs, space, c).as_dict()}
               for (name, c), m in zip(subnets.items(), metrics)}
     return {**result, "records": len(scorer.records)}

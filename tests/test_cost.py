@@ -1,0 +1,147 @@
+"""The cost of elastic base widths (LoNAS): which modules an MLP / attention cut narrows, the LLaMA-7B figures of
+the LoNAS tables, a small Llama counted by hand, and the size report's formatting."""
+
+import pytest
+from accelerate import init_empty_weights
+from peft import LoraConfig, get_peft_model
+
+from conftest import tiny_llama_config
+from flexrank.trainer.elastic.base_shape import LayerWidths
+from flexrank.trainer.elastic.cost import CostModel, SubnetShape, base_overrides, human, size_report, subnet_cost
+from flexrank.trainer.rank_layer import register_rank_layer
+from flexrank.trainer.search_space import space_from_spec
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "down_proj"]
+
+
+def _meta_peft_llama(r: int, **config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(LlamaConfig(**config))
+        return get_peft_model(model, register_rank_layer(LoraConfig(r=r, target_modules=LORA_TARGETS)))
+
+
+def test_llama_7b_sizes_match_the_lonas_table():
+    model = _meta_peft_llama(32, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    costs = CostModel.of(model)
+    ranks = {name: 32 for name in costs.adapted}
+    # Per layer: q, k, v, o 4096x4096; gate, up, down 4096 x 11008; the head 4096 x 32000.
+    # LoRA r=32: q, k, v 32 x (4096 + 4096); gate, up, down 32 x (4096 + 11008).
+    full = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096 * 32000 + 32 * 32 * (3 * 8192 + 3 * 15104)
+    maximal = costs.cost(SubnetShape(ranks))
+    assert maximal.params == maximal.macs == full == 6_678_642_688
+    assert human(maximal.params) == "6.68B"
+    assert human(maximal.macs * 256) == "1.71T"  # LoNAS's MACs at its 256 tokens
+    # Heuristic subnet: intermediate 8256 = widths[(5 - 1) // 2] of [11008, 9632, 8256, 6880, 5504] in every layer.
+    widths = {layer: LayerWidths(mlp=8256) for layer in range(32)}
+    heuristic = costs.cost(SubnetShape(ranks, base_overrides(costs.base, widths, costs.head_dim)))
+    cut = 11008 - 8256
+    assert heuristic.params == full - 32 * (3 * 4096 * cut + 3 * 32 * cut) == 5_588_058_112
+    assert human(heuristic.params) == "5.59B" and human(heuristic.macs * 256) == "1.43T"
+
+
+def test_small_llama_counted_by_hand():
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config()),
+                           register_rank_layer(LoraConfig(r=8, target_modules=["q_proj", "up_proj", "down_proj"])))
+    costs = CostModel.of(model)
+    assert costs.head_dim == 16  # hidden 64 / 4 heads; 2 key/value heads: each serves g = 2 query heads
+    L0, L1 = "base_model.model.model.layers.0", "base_model.model.model.layers.1"
+    # Layer 0: MLP 96 of 128, attention 32 query channels = 2 heads of 16 -> 1 key/value head (16 channels).
+    # Layer 1: MLP 64 of 128, attention full.
+    widths = {0: LayerWidths(mlp=96, attention=32), 1: LayerWidths(mlp=64)}
+    base = base_overrides(costs.base, widths, costs.head_dim)
+    assert {name: (s.in_features, s.out_features) for name, s in base.items()} == {
+        f"{L0}.self_attn.q_proj": (64, 32), f"{L0}.self_attn.k_proj": (64, 16), f"{L0}.self_attn.v_proj": (64, 16),
+        f"{L0}.self_attn.o_proj": (32, 64), f"{L0}.mlp.gate_proj": (64, 96), f"{L0}.mlp.up_proj": (64, 96),
+        f"{L0}.mlp.down_proj": (96, 64),
+        f"{L1}.mlp.gate_proj": (64, 64), f"{L1}.mlp.up_proj": (64, 64), f"{L1}.mlp.down_proj": (64, 64),
+    }
+    ranks = {f"{L0}.self_attn.q_proj": 8, f"{L0}.mlp.up_proj": 4, f"{L0}.mlp.down_proj": 2,
+             f"{L1}.self_attn.q_proj": 4, f"{L1}.mlp.up_proj": 8, f"{L1}.mlp.down_proj": 8}
+    cost = costs.cost(SubnetShape(ranks, base))
+    layer0 = 64 * 32 + 64 * 16 + 64 * 16 + 32 * 64 + 64 * 96 + 64 * 96 + 96 * 64       # = 24576
+    layer1 = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 64 + 64 * 64 + 64 * 64       # = 24576
+    head = 64 * 1000
+    assert cost.base_params == cost.base_macs == layer0 + layer1 + head == 113152
+    # rank x (active in + active out)
+    adapter = 8 * (64 + 32) + 4 * (64 + 96) + 2 * (96 + 64) + 4 * (64 + 64) + 8 * (64 + 64) + 8 * (64 + 64)
+    assert cost.adapter_params == cost.adapter_macs == adapter == 4288
+    assert cost.params == cost.macs == 117440
+
+
+def test_subnet_cost_is_what_the_search_and_the_report_count():
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config()),
+                           register_rank_layer(LoraConfig(r=8, target_modules=["q_proj", "up_proj"])))
+    names = [n for n, m in model.named_modules() if hasattr(m, "lora_rank_mask")]
+    space = space_from_spec({"groups": [["q_proj"], ["up_proj"]], "widths": [8, 6, 4], "per_layer": False},
+                            names, 8)
+    costs = CostModel.of(model)
+    base = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128) + 64 * 1000
+    per_rank = 2 * (64 + 64) + 2 * (64 + 128)  # both layers' q and up
+    report = size_report(costs, space)
+    assert {k: (v["base_params"], v["adapter_params"]) for k, v in report.items()} == {
+        "maximal": (base, 8 * per_rank), "heuristic": (base, 6 * per_rank), "minimal": (base, 4 * per_rank)}
+    assert subnet_cost(costs, space, {"q_proj": 4, "up_proj": 8}).adapter_params == 4 * 256 + 8 * 384
+
+
+@pytest.mark.parametrize("count, text", [(6_678_642_688, "6.68B"), (134_515_008, "135M"), (999_950, "1M"),
+                                         (1_709_925_466_112, "1.71T"), (4224, "4.22K"), (42, "42")])
+def test_human_counts_have_three_significant_digits(count, text):
+    assert human(count) == text
+
+
+def test_check_reports_sizes_of_a_config_only_llama_7b(tmp_path):
+    """`flexrank check` on a model folder holding only config.json (built on the meta device, no weights)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "llama7b").mkdir()
+    (tmp_path / "llama7b" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "tie_word_embeddings": False}))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tmp_path / "llama7b")},
+        "adapter": {"method": "elastic", "r": 32, "target_modules": LORA_TARGETS,
+                    "elastic": {"search_space": {"groups": [["q_proj", "k_proj", "v_proj"],
+                                                            ["up_proj", "gate_proj", "down_proj"]],
+                                                 "widths": [32, 28, 24]}}}}))
+    proc = subprocess.run([sys.executable, "-m", "flexrank", "check", "recipe.yaml"], cwd=tmp_path, text=True,
+                          capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("#   ")]
+    # Adapter ranks only (base widths need i14a's groups): 32 per layer x (3 x (4096 + 4096) + 3 x (4096 + 11008))
+    # at rank 32 / 28 / 24 on top of the 6.61B base Linear weights.
+    assert lines == ["#   maximal: params 6.68B, MACs/token 6.68B (base 6.61B, adapter 71.6M)",
+                     "#   heuristic: params 6.67B, MACs/token 6.67B (base 6.61B, adapter 62.6M)",
+                     "#   minimal: params 6.66B, MACs/token 6.66B (base 6.61B, adapter 53.7M)"]
+    yaml.safe_load(proc.stdout)  # still the resolved recipe, as YAML
+
+
+def test_bert_cut_names_heads_and_intermediate():
+    """BERT names (the bundled MiniLM's): query/key/value outputs and attention.output.dense inputs for an
+    attention cut; intermediate.dense outputs and the layer's output.dense inputs for an MLP cut."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                                     num_hidden_layers=2, vocab_size=100))
+    costs = CostModel.of(model)
+    base = base_overrides(costs.base, {1: LayerWidths(mlp=32, attention=48)}, costs.head_dim)
+    L1 = "bert.encoder.layer.1"
+    assert {name: (s.in_features, s.out_features) for name, s in base.items()} == {
+        f"{L1}.attention.self.query": (64, 48), f"{L1}.attention.self.key": (64, 48),
+        f"{L1}.attention.self.value": (64, 48), f"{L1}.attention.output.dense": (48, 64),
+        f"{L1}.intermediate.dense": (64, 32), f"{L1}.output.dense": (32, 64)}
+    full = costs.cost(SubnetShape({})).base_params
+    # 3 x 64 x 16 (q/k/v) + 16 x 64 (attention output) + 96 x 64 (intermediate) + 96 x 64 (output) fewer
+    assert costs.cost(SubnetShape({}, base)).base_params == full - (4 * 64 * 16 + 2 * 96 * 64)
