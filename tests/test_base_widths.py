@@ -70,6 +70,27 @@ def test_mlp_and_head_masks_equal_sliced_model():
     torch.testing.assert_close(masked, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_masks_under_gradient_checkpointing():
+    """The recomputed forward sees the same mask: gradients equal those without checkpointing (and the cut
+    columns of down_proj's lora_A get none)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = _lora_llama().train()
+        targets = find_base_targets(model)
+        BaseMasks(model, {t.module: t.size for t in targets.values()}).set_widths(
+            {targets[0, "mlp"].module: 80, targets[1, "attention"].module: 32})
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+    down_a = grads[1][LAYER.format(0) + ".mlp.down_proj.lora_A.default.weight"]
+    assert down_a[:, 80:].abs().max() == 0 and down_a[:, :80].abs().max() > 0
+
+
 def _rank_supernet():
     torch.manual_seed(0)
     cfg = register_rank_layer(LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj"]))
