@@ -206,3 +206,35 @@ def test_same_widths_and_losses_on_every_backend(backend_runs):
         assert metrics(out)["train"]["backend"] == backend and metrics(out)["train"]["world_size"] == 2
         assert _samples(out) == samples
         assert metrics(out)["train"]["losses"] == pytest.approx(ref_losses, abs=1e-5)
+
+
+def test_bert_head_and_intermediate_cut_equal_sliced_encoder():
+    """Encoder form (BERT / MiniLM): trailing heads of layer 1 and the intermediate width of layer 0."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=96, vocab_size=100)).eval()
+    targets = find_base_targets(model)
+    assert targets[1, "attention"].module == "bert.encoder.layer.1.attention.output.dense"
+    assert targets[0, "mlp"].module == "bert.encoder.layer.0.output.dense" and targets[0, "mlp"].unit == 1
+    sliced = copy.deepcopy(model)
+    attention = sliced.bert.encoder.layer[1].attention
+    for linear in (attention.self.query, attention.self.key, attention.self.value):
+        linear.weight, linear.bias = nn.Parameter(linear.weight[:32].clone()), nn.Parameter(linear.bias[:32].clone())
+    attention.output.dense.weight = nn.Parameter(attention.output.dense.weight[:, :32].clone())
+    attention.self.num_attention_heads, attention.self.all_head_size = 2, 32
+    layer0 = sliced.bert.encoder.layer[0]
+    up = layer0.intermediate.dense
+    up.weight, up.bias = nn.Parameter(up.weight[:40].clone()), nn.Parameter(up.bias[:40].clone())
+    layer0.output.dense.weight = nn.Parameter(layer0.output.dense.weight[:, :40].clone())
+
+    masks = BaseMasks(model, {targets[1, "attention"].module: 64, targets[0, "mlp"].module: 96})
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits
+        masks.set_widths({targets[1, "attention"].module: 32, targets[0, "mlp"].module: 40})
+        masked = model(ids).logits
+        reference = sliced(ids).logits
+    assert (masked - full).abs().max() > 1e-4
+    torch.testing.assert_close(masked, reference, atol=1e-5, rtol=1e-5)
