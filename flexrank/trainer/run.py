@@ -31,8 +31,8 @@ from .modeling import RANK_METHODS, apply_adapter, count_parameters, load_base_m
 from .preemption import Preempted, PreemptionCallback
 from .rank_layer import rank_layers, register_rank_layer
 from .rank_report import write_rank_report
-from .elastic.base_masks import BaseMasks, find_base_targets
-from .search_space import base_groups_from_spec, space_from_nncf, space_from_spec
+from .elastic.base_masks import BaseMasks
+from .search_space import elastic_space
 
 SPARSE_BASE = "sparse_base"
 
@@ -121,16 +121,10 @@ def build_controller(cfg: RunConfig, peft_model, steps_per_epoch: int) -> RankCo
     if cfg.adapter.method != "elastic":
         return None
     e = cfg.adapter.elastic
-    targets = find_base_targets(peft_model)
-    base = base_groups_from_spec(e.base_widths, targets) if e.base_widths is not None else []
-    if e.nncf_config:
-        space = space_from_nncf(e.nncf_config, list(layers), cfg.adapter.r, base_targets=targets, base_groups=base)
-    else:
-        space = space_from_spec(e.search_space, list(layers), cfg.adapter.r, base_groups=base)
+    space = elastic_space(e, list(layers), cfg.adapter.r, peft_model)
     seed = e.seed if e.seed is not None else cfg.training["seed"]
-    sizes = {t.module: t.size for t in targets.values()}
-    masked = space.base_module_widths(space.maximal())
-    masks = BaseMasks(peft_model, {m: sizes[m] for m in masked}) if masked else None
+    masked, modules = space.base_module_widths(space.maximal()), dict(peft_model.named_modules())
+    masks = BaseMasks(peft_model, {m: modules[m].in_features for m in masked}) if masked else None
     return ElasticController(layers, space, seed=seed, steps_per_epoch=steps_per_epoch, sandwich=e.sandwich,
                              base_masks=masks)
 

@@ -650,3 +650,16 @@ def space_from_nncf(cfg: dict | str | Path, module_names: list[str], max_rank: i
     stages = [_nncf_stage(f"{_STAGES_KEY}[{i}]", raw, i == len(raw_stages) - 1, longest)
               for i, raw in enumerate(raw_stages)]
     return SearchSpace(tuple(groups), tuple(stages))
+
+
+def elastic_space(elastic, module_names: list[str], max_rank: int, model, nncf: dict | None = None) -> SearchSpace:
+    """An elastic run's space as training builds it: rank groups from `search_space` or the NNCF JSON (`nncf`, if
+    already read), base groups from `base_widths` and the JSON's base nodes, checked against `model` (real or meta)."""
+    from .elastic.base_masks import find_base_targets
+
+    targets = find_base_targets(model)
+    base = base_groups_from_spec(elastic.base_widths, targets) if elastic.base_widths is not None else []
+    if elastic.nncf_config:
+        return space_from_nncf(nncf if nncf is not None else elastic.nncf_config, module_names, max_rank,
+                               base_targets=targets, base_groups=base)
+    return space_from_spec(elastic.search_space, module_names, max_rank, base_groups=base)
