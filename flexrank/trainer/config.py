@@ -150,6 +150,8 @@ class ElasticConfig(_Section):
     """Exactly one of `search_space` (flexrank YAML form) or `nncf_config` (a LoNAS/Shears NNCF JSON)."""
     search_space: dict[str, Any] | None = None
     nncf_config: str | None = None
+    # LoNAS base widths, e.g. {mlp: [1.0, 0.75, 0.5]} or per layer {mlp: {0: [1536, 768]}} (search_space.py)
+    base_widths: dict[str, Any] | None = None
     sandwich: bool = False
     seed: int | None = None
     evaluate_subnets: list[str] = Field(default_factory=lambda: ["maximal", "heuristic", "minimal"])
@@ -364,6 +366,9 @@ class RunConfig(_Section):
                               "shard the weights the hooks read")
         if self.model.task_type != "causal_lm":
             raise ConfigError("model.task_type", self.model.task_type, "causal_lm with nncf_int4")
+        if self.adapter.elastic is not None and self.adapter.elastic.base_widths is not None:
+            raise ConfigError("adapter.elastic.base_widths", self.adapter.elastic.base_widths,
+                              "unset with nncf_int4", "the INT4 path makes only adapter ranks elastic")
 
 
 TRAINING_DEFAULTS = {

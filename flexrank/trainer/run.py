@@ -35,7 +35,8 @@ from .modeling import RANK_METHODS, apply_adapter, count_parameters, load_base_m
 from .preemption import Preempted, PreemptionCallback
 from .rank_layer import rank_layers, register_rank_layer
 from .rank_report import write_rank_report
-from .search_space import space_from_nncf, space_from_spec
+from .elastic.base_masks import BaseMasks
+from .search_space import elastic_space
 
 SPARSE_BASE = "sparse_base"
 
@@ -92,12 +93,12 @@ def build_controller(cfg: RunConfig, peft_model, steps_per_epoch: int) -> RankCo
     if cfg.adapter.method != "elastic":
         return None
     e = cfg.adapter.elastic
-    if e.nncf_config:
-        space = space_from_nncf(e.nncf_config, list(layers), cfg.adapter.r)
-    else:
-        space = space_from_spec(e.search_space, list(layers), cfg.adapter.r)
+    space = elastic_space(e, list(layers), cfg.adapter.r, peft_model)
     seed = e.seed if e.seed is not None else cfg.training["seed"]
-    return ElasticController(layers, space, seed=seed, steps_per_epoch=steps_per_epoch, sandwich=e.sandwich)
+    masked, modules = space.base_module_widths(space.maximal()), dict(peft_model.named_modules())
+    masks = BaseMasks(peft_model, {m: modules[m].in_features for m in masked}) if masked else None
+    return ElasticController(layers, space, seed=seed, steps_per_epoch=steps_per_epoch, sandwich=e.sandwich,
+                             base_masks=masks)
 
 
 def _steps_per_epoch(cfg: RunConfig, n_train: int) -> int:

@@ -13,12 +13,18 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..shipped import find_shipped_json
-from .elastic.base_shape import BaseWidths
+from .elastic.base_shape import BaseWidths, LayerWidths
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .elastic.base_masks import BaseTarget
+
+BaseTargets = dict[tuple[int, str], "BaseTarget"]  # (layer index, "mlp" | "attention") -> target
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -80,11 +86,14 @@ def layer_index(module_name: str) -> int | None:
 
 @dataclass(frozen=True)
 class Group:
-    """Modules that always share one rank, and the widths that rank may take (largest first)."""
+    """Modules that always share one rank, and the widths that rank may take (largest first). A base group
+    (`base` = "mlp" or "attention") instead cuts one layer's base width: its module is the projection whose
+    input is masked (elastic/base_masks.py), its widths are channel counts of the base model."""
 
     name: str
     modules: tuple[str, ...]
     widths: tuple[int, ...]
+    base: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "modules", tuple(self.modules))
@@ -124,12 +133,12 @@ class SearchSpace:
         repeated = [n for i, n in enumerate(names) if n in names[:i]]
         if repeated:
             raise ConfigError("search_space.groups", repeated[0], "unique group names")
-        owner: dict[str, str] = {}
+        owner: dict[tuple, str] = {}
         for group in self.groups:
             for module in group.modules:
-                if owner.setdefault(module, group.name) != group.name:
-                    raise ConfigError("search_space.groups", module,
-                                      f"each module in one group; it is in {owner[module]!r} and {group.name!r}")
+                if owner.setdefault((group.base, module), group.name) != group.name:
+                    raise ConfigError("search_space.groups", module, "each module in one group; it is in "
+                                      f"{owner[group.base, module]!r} and {group.name!r}")
         longest = max(len(g.widths) for g in self.groups)
         for i, stage in enumerate(self.stages):
             _check_stage(f"search_space.stages[{i}]", stage, i == len(self.stages) - 1, longest)
@@ -202,13 +211,21 @@ class SearchSpace:
     def module_widths(self, config: dict[str, int]) -> dict[str, int]:
         """Module name -> active rank for a subnet config (modules in no group are not listed)."""
         config = self.validate_subnet(config)
-        return {module: config[g.name] for g in self.groups for module in g.modules}
+        return {module: config[g.name] for g in self.groups if g.base is None for module in g.modules}
+
+    def base_module_widths(self, config: dict[str, int]) -> dict[str, int]:
+        """Masked projection's module name -> input channels kept, for the base groups (empty if none)."""
+        config = self.validate_subnet(config)
+        return {module: config[g.name] for g in self.groups if g.base is not None for module in g.modules}
 
     def base_widths(self, config: dict[str, int]) -> BaseWidths:
-        """The base model's widths in a subnet config, per layer; empty while only adapter ranks are elastic
-        (no group here cuts the base yet)."""
-        self.validate_subnet(config)
-        return {}
+        """The base model's widths in a subnet config, per layer (layers without base groups are absent)."""
+        config = self.validate_subnet(config)
+        layers: dict[int, dict[str, int]] = {}
+        for g in self.groups:
+            if g.base is not None:
+                layers.setdefault(layer_index(g.modules[0]), {})[g.base] = config[g.name]
+        return {i: LayerWidths(**kinds) for i, kinds in sorted(layers.items())}
 
 
 def _group_name(modules: list[str]) -> str:
@@ -229,6 +246,65 @@ def _claim(owner: dict[str, str], modules: list[str], key: str) -> None:
     for module in modules:
         if owner.setdefault(module, key) != key:
             raise ConfigError(key, module, f"each module in one group; {owner[module]} already holds it")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Base widths (LoNAS): one group per layer and kind, named e.g. "L3:mlp"
+# ---------------------------------------------------------------------------------------------------
+
+_BASE_KINDS = ("mlp", "attention")
+_SIZE_NAMES = {"mlp": "MLP intermediate size", "attention": "attention width (heads x head_dim)"}
+
+
+def _base_group(key: str, target: "BaseTarget", widths) -> Group:
+    """A base group for one target, its widths checked against the model: a width cannot exceed what the layer
+    has, and an attention width must be whole heads."""
+    name = f"L{target.layer}:{target.kind}"
+    widths = _check_widths(key, widths)
+    for width in widths:
+        if width > target.size or width % target.unit:
+            unit = f", a multiple of {target.unit}" if target.unit > 1 else ""
+            raise ConfigError(key, width, f"widths <= the model's {_SIZE_NAMES[target.kind]} {target.size}{unit}",
+                              hint=f"group {name!r} ({target.module})")
+    return Group(name, (target.module,), widths, base=target.kind)
+
+
+def _resolve_width(key: str, value, target: "BaseTarget") -> int:
+    # An int is a channel count; a float in (0, 1] a fraction of the layer's width, rounded to whole units.
+    if _is_int(value):
+        return value
+    if isinstance(value, float) and 0 < value <= 1:
+        return max(1, round(value * target.size / target.unit)) * target.unit
+    raise ConfigError(key, value, "a width: a positive integer (channels) or a fraction in (0, 1]")
+
+
+def base_groups_from_spec(spec, targets: BaseTargets, key: str = "adapter.elastic.base_widths") -> list[Group]:
+    """Base groups from the recipe form `{mlp: [1.0, 0.75, 0.5], attention: [...]}` (every layer, the same
+    list) or per layer `{mlp: {0: [1536, 768], 5: [1536, 1152]}}`; widths are channel counts or fractions."""
+    _check_keys(key, spec, set(_BASE_KINDS))
+    groups = []
+    for kind in _BASE_KINDS:
+        if kind not in spec:
+            continue
+        available = {i: t for (i, k), t in targets.items() if k == kind}
+        if not available:
+            raise ConfigError(f"{key}.{kind}", spec[kind], f"no {kind} key: this model has no elastic {kind} "
+                              "projection flexrank knows (Llama family, BLOOM, BERT)")
+        per_layer = spec[kind]
+        if isinstance(per_layer, list):
+            per_layer = {i: per_layer for i in available}
+        if not isinstance(per_layer, dict) or not per_layer:
+            raise ConfigError(f"{key}.{kind}", per_layer, "a width list, or a mapping layer index -> width list")
+        for raw_layer, widths in per_layer.items():
+            layer = int(raw_layer) if str(raw_layer).isdigit() else None
+            if layer not in available:
+                raise ConfigError(f"{key}.{kind}", raw_layer, f"a layer index in {sorted(available)}")
+            item = f"{key}.{kind}" if isinstance(spec[kind], list) else f"{key}.{kind}.{raw_layer}"
+            if not isinstance(widths, list):
+                raise ConfigError(item, widths, "a list of widths")
+            target = available[layer]
+            groups.append(_base_group(item, target, [_resolve_width(item, w, target) for w in widths]))
+    return sorted(groups, key=lambda g: layer_index(g.modules[0]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,7 +353,8 @@ def _split_by_layer(key: str, modules: list[str]) -> dict[int, list[str]]:
     return dict(sorted(by_layer.items()))
 
 
-def space_from_spec(spec: dict, module_names: list[str], max_rank: int, key: str = "search_space") -> SearchSpace:
+def space_from_spec(spec: dict, module_names: list[str], max_rank: int, key: str = "search_space",
+                    base_groups: list[Group] = ()) -> SearchSpace:
     """Build a space from flexrank's YAML form, e.g.
     `{groups: [[q_proj, k_proj, v_proj], [up_proj], [down_proj]], widths: [32, 24, 16], per_layer: true,
       stages: [{steps: 100, width_indicator: 2}, {width_indicator: 3}]}`.
@@ -319,7 +396,7 @@ def space_from_spec(spec: dict, module_names: list[str], max_rank: int, key: str
         parts = _split_by_layer(group_key, modules).values() if per_layer else [modules]
         members += [(part, widths[i]) for part in parts]
 
-    groups = _make_groups(members)
+    groups = _make_groups(members) + list(base_groups)
     longest = max(len(g.widths) for g in groups)
     raw_stages = spec.get("stages", [{}])
     if not isinstance(raw_stages, list) or not raw_stages:
@@ -349,19 +426,62 @@ _SCOPE = re.compile(r"([^/\[\]]+)\[([^\]]*)\]")
 _PEFT_PREFIX = "base_model.model."
 
 
-def _nncf_module_name(key: str, node: str) -> str:
+_NODE_ROLES = {"ModuleDict[lora_A]": "lora_A", "ModuleDict[lora_B]": "lora_B",
+               "NNCFUserSelfLinear[self_linear]": "base"}  # LoNAS' peft patch moves the base weight there
+
+
+def _nncf_node(key: str, node: str) -> tuple[str, str]:
     """`PeftModelForCausalLM/LoraModel[base_model]/.../Linear[q_proj]/ModuleDict[lora_A]/NNCFLinear[default]/linear_0`
-    -> `base_model.model.model.layers.3.self_attn.q_proj` (the LoRA-wrapped Linear owning lora_A)."""
+    -> (`base_model.model.model.layers.3.self_attn.q_proj`, "lora_A"): the LoRA-wrapped Linear and which of its
+    parts the node is: lora_A, lora_B, or base (`…/NNCFUserSelfLinear[self_linear]/linear_0`, `…/Linear[x]/linear_0`)."""
     names = []
     for segment in node.split("/")[1:]:  # [0] is the root type, which has no attribute name
-        if segment == "ModuleDict[lora_A]":
-            return ".".join(names)
+        if segment in _NODE_ROLES and names:
+            return ".".join(names), _NODE_ROLES[segment]
         scope = _SCOPE.fullmatch(segment)
         if scope is None:
+            if names and re.fullmatch(r"linear_\d+", segment):  # the operation of a plain base Linear
+                return ".".join(names), "base"
             break
         names.append(scope.group(2))
-    raise ConfigError(key, node, "the NNCF node name of a LoRA A matrix (…/Linear[x]/ModuleDict[lora_A]/…)",
-                      hint="flexrank makes only adapter ranks elastic, not base-model widths")
+    raise ConfigError(key, node, "the NNCF node name of a LoRA matrix (…/Linear[x]/ModuleDict[lora_A]/…) or of a "
+                                 "base Linear (…/Linear[x]/NNCFUserSelfLinear[self_linear]/linear_0)")
+
+
+def _nncf_module_name(key: str, node: str) -> str:
+    """The module owning a lora_A node (an adapter-rank group's entry)."""
+    module, role = _nncf_node(key, node)
+    if role != "lora_A":
+        raise ConfigError(key, node, "a lora_A node in a templated ({*}) or rank group",
+                          hint="base-width groups name one layer each, as LoNAS writes them")
+    return module
+
+
+def _is_base_group(key: str, entries) -> bool:
+    """A group naming the base weight or lora_B (LoNAS' MLP / attention width groups), not only lora_A."""
+    return isinstance(entries, list) and any(
+        isinstance(e, str) and not e.startswith("{re}") and "{*}" not in e and _nncf_node(f"{key}[{j}]", e)[1] != "lora_A"
+        for j, e in enumerate(entries))
+
+
+def _nncf_base_group(key: str, widths_key: str, entries: list[str], widths, targets: BaseTargets | None) -> Group:
+    """The base group of a LoNAS width group: all its nodes in one layer's MLP, or one layer's attention."""
+    places = set()
+    for j, entry in enumerate(entries):
+        if not isinstance(entry, str) or entry.startswith("{re}") or "{*}" in entry:
+            raise ConfigError(f"{key}[{j}]", entry, "an explicit NNCF node name in a base-width group")
+        module = _nncf_node(f"{key}[{j}]", entry)[0]
+        kind = "attention" if re.search(r"(?:^|\.)[^.]*(?:attn|attention)[^.]*\.", module) else "mlp"
+        places.add((layer_index(module), kind))
+    if len(places) != 1:
+        raise ConfigError(key, sorted(places, key=str), "nodes of one layer's MLP or of one layer's attention")
+    place = places.pop()
+    if targets is None:
+        raise ConfigError(key, entries[0], "adapter-rank groups only", hint="base widths are not supported here")
+    if place not in targets:
+        raise ConfigError(key, entries[0], f"a node in a layer with an elastic {place[1]} width",
+                          hint=f"layers with one: {sorted(i for i, k in targets if k == place[1])}")
+    return _base_group(widths_key, targets[place], widths)
 
 
 def _strip(name: str) -> str:
@@ -449,11 +569,24 @@ def _nncf_stage(key: str, raw, last: bool, longest: int) -> Stage:
     return stage
 
 
+_TRAILING_COMMA = re.compile(r",(\s*[}\]])")
+
+
+def read_nncf_json(path: str | Path) -> dict:
+    """An NNCF JSON as LoNAS ships it: one of its BLOOM configs has trailing commas, which json rejects."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except ValueError:
+        # Node names never contain ",]" or ",}", so dropping a comma before a closing bracket is safe.
+        return json.loads(_TRAILING_COMMA.sub(r"\1", text))
+
+
 def _load_nncf(cfg) -> dict:
     if isinstance(cfg, dict):
         return cfg
     try:
-        return json.loads(Path(find_shipped_json(str(cfg))).read_text())
+        return read_nncf_json(find_shipped_json(str(cfg)))
     except (OSError, ValueError) as err:
         raise ConfigError("nncf_config", str(cfg), "a readable NNCF JSON file", hint=str(err)) from None
 
@@ -468,10 +601,12 @@ def _dig(cfg: dict, path: str):
     return node
 
 
-def space_from_nncf(cfg: dict | str | Path, module_names: list[str], max_rank: int) -> SearchSpace:
+def space_from_nncf(cfg: dict | str | Path, module_names: list[str], max_rank: int,
+                    base_targets: BaseTargets | None = None, base_groups: list[Group] = ()) -> SearchSpace:
     """Build a space from an NNCF BootstrapNAS config (dict or JSON file path), templated (`{re}…[{*}]`,
     one group per layer, as Shears expands it) or fully expanded. A `{re}` entry without `{*}` is a regex
-    over torch module names (not NNCF node names). Keys outside the width section and stages are ignored."""
+    over torch module names (not NNCF node names). Keys outside the width section and stages are ignored.
+    Groups naming base weights or lora_B (LoNAS) are base-width groups, checked against `base_targets`."""
     cfg = _load_nncf(cfg)
     elasticity = _dig(cfg, "bootstrapNAS.training.elasticity")
     dims = elasticity.get("available_elasticity_dims", ["width"])
@@ -491,14 +626,19 @@ def space_from_nncf(cfg: dict | str | Path, module_names: list[str], max_rank: i
 
     owner: dict[str, str] = {}
     members: list[tuple[list[str], tuple[int, ...]]] = []
+    found_base: list[Group] = []
     for i, (entries, widths) in enumerate(zip(raw_groups, raw_widths)):
-        widths = _check_widths(f"{_WIDTH_KEY}.overwrite_groups_widths[{i}]", widths, max_rank)
+        widths_key = f"{_WIDTH_KEY}.overwrite_groups_widths[{i}]"
         group_key = f"{_WIDTH_KEY}.overwrite_groups[{i}]"
+        if _is_base_group(group_key, entries):
+            found_base.append(_nncf_base_group(group_key, widths_key, entries, widths, base_targets))
+            continue
+        widths = _check_widths(widths_key, widths, max_rank)
         for modules in _nncf_group(group_key, entries, module_names):
             _claim(owner, modules, group_key)
             members.append((modules, widths))
 
-    groups = _make_groups(members)
+    groups = _make_groups(members) + found_base + list(base_groups)
     longest = max(len(g.widths) for g in groups)
     schedule = _dig(cfg, "bootstrapNAS.training").get("schedule", {})
     if not isinstance(schedule, dict):
@@ -510,3 +650,16 @@ def space_from_nncf(cfg: dict | str | Path, module_names: list[str], max_rank: i
     stages = [_nncf_stage(f"{_STAGES_KEY}[{i}]", raw, i == len(raw_stages) - 1, longest)
               for i, raw in enumerate(raw_stages)]
     return SearchSpace(tuple(groups), tuple(stages))
+
+
+def elastic_space(elastic, module_names: list[str], max_rank: int, model, nncf: dict | None = None) -> SearchSpace:
+    """An elastic run's space as training builds it: rank groups from `search_space` or the NNCF JSON (`nncf`, if
+    already read), base groups from `base_widths` and the JSON's base nodes, checked against `model` (real or meta)."""
+    from .elastic.base_masks import find_base_targets
+
+    targets = find_base_targets(model)
+    base = base_groups_from_spec(elastic.base_widths, targets) if elastic.base_widths is not None else []
+    if elastic.nncf_config:
+        return space_from_nncf(nncf if nncf is not None else elastic.nncf_config, module_names, max_rank,
+                               base_targets=targets, base_groups=base)
+    return space_from_spec(elastic.search_space, module_names, max_rank, base_groups=base)

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from ..rank_layer import RankLoraLinear
+from ..elastic.base_masks import BaseMasks
 from ..search_space import SearchSpace
 from .base import RankController
 
@@ -12,9 +13,14 @@ SUBNETS = ("maximal", "heuristic", "minimal")
 
 class ElasticController(RankController):
     def __init__(self, layers: dict[str, RankLoraLinear], space: SearchSpace, seed: int,
-                 steps_per_epoch: int, sandwich: bool = False, adapter: str = "default"):
+                 steps_per_epoch: int, sandwich: bool = False, adapter: str = "default",
+                 base_masks: BaseMasks | None = None):
         super().__init__(layers, adapter)
         self.space, self.seed, self.steps_per_epoch, self.sandwich = space, seed, steps_per_epoch, sandwich
+        # The base-width groups' activation masks (LoNAS elastic MLP / heads), set with the ranks on every activate.
+        self.base_masks = base_masks
+        if base_masks is None and space.base_module_widths(space.maximal()):
+            raise ValueError("a search space with base-width groups needs the BaseMasks that apply them")
         self.config: dict[str, int] = space.maximal()
         self.activate(self.config)
         self.history: dict[int, dict[str, int]] = {}  # optimizer step -> sampled subnet (logged by the trainer)
@@ -33,6 +39,8 @@ class ElasticController(RankController):
         self.config = self.subnet(which)
         for name, width in self.space.module_widths(self.config).items():
             self.layers[name].set_width(width, self.adapter)
+        if self.base_masks is not None:
+            self.base_masks.set_widths(self.space.base_module_widths(self.config))
         return self.config
 
     def passes(self, step: int) -> int:
@@ -64,7 +72,7 @@ class ElasticController(RankController):
         return dict(self.losses)
 
     def log_metrics(self) -> dict[str, float]:
-        widths = list(self.config.values())
+        widths = [self.config[g.name] for g in self.space.groups if g.base is None]  # adapter ranks only
         return {"elastic/active_rank": float(self.active_rank()),
                 "elastic/mean_group_width": sum(widths) / max(len(widths), 1)}
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..search_space import read_nncf_json
 from .cost import CostModel, subnet_cost
 from .nsga import NSGASettings, nsga2
 from .results import EvalCache, Row, config_key, digest, front_rows, plot, select_best, write_csv, write_json
@@ -45,7 +46,7 @@ def _nncf_search_section(cfg) -> dict:
     if elastic is None or not elastic.nncf_config:
         return {}
     try:
-        nncf = json.loads(Path(elastic.nncf_config).read_text())
+        nncf = read_nncf_json(elastic.nncf_config)
     except (OSError, ValueError) as err:
         raise ConfigError("adapter.elastic.nncf_config", elastic.nncf_config, "a readable NNCF JSON file",
                           str(err)) from None
