@@ -115,16 +115,20 @@ def test_check_reports_sizes_of_a_config_only_llama_7b(tmp_path):
         "adapter": {"method": "elastic", "r": 32, "target_modules": LORA_TARGETS,
                     "elastic": {"search_space": {"groups": [["q_proj", "k_proj", "v_proj"],
                                                             ["up_proj", "gate_proj", "down_proj"]],
-                                                 "widths": [32, 28, 24]}}}}))
+                                                 "widths": [32, 28]},
+                                # LoNAS's LLaMA-7B intermediate widths: 100%, 87.5%, 75%, 62.5%, 50%
+                                "base_widths": {"mlp": [11008, 9632, 8256, 6880, 5504]}}}}))
     proc = subprocess.run([sys.executable, "-m", "flexrank", "check", "recipe.yaml"], cwd=tmp_path, text=True,
                           capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("#   ")]
-    # Adapter ranks only (base widths need i14a's groups): 32 per layer x (3 x (4096 + 4096) + 3 x (4096 + 11008))
-    # at rank 32 / 28 / 24 on top of the 6.61B base Linear weights.
+    # Base Linear weights: 32 x (4 x 4096^2 + 3 x 4096 x w) + 4096 x 32000; adapter: 32 layers x rank x
+    # (3 x (4096 + 4096) + 3 x (4096 + w)). Maximal w 11008, rank 32: 6,607,077,376 + 71,565,312 = 6,678,642,688.
+    # Heuristic (median of each list): w 8256, rank 32: 5,524,946,944 + 63,111,168 = 5,588,058,112 (LoNAS: 5.6B).
+    # Minimal: w 5504, rank 28: 4,442,816,512 + 47,824,896 = 4,490,641,408.
     assert lines == ["#   maximal: params 6.68B, MACs/token 6.68B (base 6.61B, adapter 71.6M)",
-                     "#   heuristic: params 6.67B, MACs/token 6.67B (base 6.61B, adapter 62.6M)",
-                     "#   minimal: params 6.66B, MACs/token 6.66B (base 6.61B, adapter 53.7M)"]
+                     "#   heuristic: params 5.59B, MACs/token 5.59B (base 5.52B, adapter 63.1M)",
+                     "#   minimal: params 4.49B, MACs/token 4.49B (base 4.44B, adapter 47.8M)"]
     yaml.safe_load(proc.stdout)  # still the resolved recipe, as YAML
 
 

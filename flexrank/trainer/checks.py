@@ -39,7 +39,7 @@ def check_recipe(cfg: RunConfig, build_training_arguments: bool = True) -> dict 
     elastic = cfg.adapter.elastic
     space = None
     if names is not None and elastic is not None and (nncf is not None or not elastic.nncf_config):
-        space = _collect(problems, check_search_space, cfg, names, nncf)
+        space = _collect(problems, check_search_space, cfg, names, nncf, model)
     _collect(problems, check_data, cfg)
     if problems:
         raise ConfigErrors(problems)
@@ -184,8 +184,10 @@ def read_nncf_config(cfg: RunConfig) -> dict | None:
     path = cfg.adapter.elastic.nncf_config if cfg.adapter.elastic else None
     if not path:
         return None
+    from .search_space import read_nncf_json
+
     try:
-        data = json.loads(Path(path).read_text())
+        data = read_nncf_json(path)
     except (OSError, ValueError) as exc:
         raise ConfigError("adapter.elastic.nncf_config", path, "a readable NNCF JSON file",
                           getattr(exc, "strerror", None) or str(exc)) from None
@@ -194,18 +196,17 @@ def read_nncf_config(cfg: RunConfig) -> dict | None:
     return data
 
 
-def check_search_space(cfg: RunConfig, module_names: list[str], nncf: dict | None):
-    """The elastic search space built as training will build it, on the meta model's module names."""
-    from .search_space import space_from_nncf, space_from_spec
+def check_search_space(cfg: RunConfig, module_names: list[str], nncf: dict | None, model):
+    """The elastic search space built as training will build it (rank and base-width groups), on the meta model."""
+    from .search_space import elastic_space
 
     e, r = cfg.adapter.elastic, cfg.adapter.r
-    if nncf is not None:
-        try:
-            space = space_from_nncf(nncf, module_names, r)
-        except ConfigError as exc:  # keys inside the JSON: say which file they are in
-            raise exc.under(f"adapter.elastic.nncf_config {e.nncf_config}: {exc.key}") from None
-    else:
-        space = space_from_spec(e.search_space, module_names, r, key="adapter.elastic.search_space")
+    try:
+        space = elastic_space(e, module_names, r, model, nncf=nncf)
+    except ConfigError as exc:
+        if nncf is None:
+            raise
+        raise exc.under(f"adapter.elastic.nncf_config {e.nncf_config}: {exc.key}") from None  # say which file
     if isinstance(e.export_subnet, dict):
         try:
             space.validate_subnet(e.export_subnet)

@@ -662,4 +662,5 @@ def elastic_space(elastic, module_names: list[str], max_rank: int, model, nncf: 
     if elastic.nncf_config:
         return space_from_nncf(nncf if nncf is not None else elastic.nncf_config, module_names, max_rank,
                                base_targets=targets, base_groups=base)
-    return space_from_spec(elastic.search_space, module_names, max_rank, base_groups=base)
+    return space_from_spec(elastic.search_space, module_names, max_rank, key="adapter.elastic.search_space",
+                           base_groups=base)
