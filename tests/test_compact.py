@@ -131,9 +131,9 @@ def test_refuses_a_foreign_folder_and_widths_that_do_not_fit(supernet, tmp_path)
 
 
 def test_cli_exports_a_trained_runs_subnet_compact(tiny_llama_dir, tmp_path):
-    """`flexrank export RUN --subnet minimal --compact OUT --keep-adapter` on a trained elastic run (adapter ranks
-    only: the supernet's base-width groups come with i14a's search space), its metrics.json size report, and
-    a foreign --compact folder refused before the model loads."""
+    """`flexrank export RUN --subnet minimal --compact OUT --keep-adapter` on a trained elastic run with base widths
+    (MLP 128 -> 64 in the minimal subnet), its metrics.json size report, and a foreign --compact folder refused
+    before the model loads."""
     import subprocess
     import sys
 
@@ -143,11 +143,13 @@ def test_cli_exports_a_trained_runs_subnet_compact(tiny_llama_dir, tmp_path):
 
     run = tmp_path / "run"
     metrics = train(load_config(recipe(tmp_path, tiny_llama_dir, "elastic", max_steps=2),
-                                [f"training.output_dir={run}"]))
+                                [f"training.output_dir={run}", "adapter.elastic.base_widths={mlp: [128, 96, 64]}"]))
     size = metrics["size"]
-    assert size["maximal"]["base_params"] == size["minimal"]["base_params"]
-    # The minimal subnet (rank 4 everywhere) of the maximal (8): half the adapter.
-    assert size["minimal"]["adapter_params"] * 2 == size["maximal"]["adapter_params"]
+    # gate/up outputs and down inputs cut from 128 to 64 in both layers (hidden 64)
+    assert size["maximal"]["base_params"] - size["minimal"]["base_params"] == 2 * 3 * 64 * (128 - 64)
+    # per layer, rank x (in + out): q (64+64), k and v (64+32 each, 2 key/value heads of 16); up (64+w), down (w+64)
+    assert size["maximal"]["adapter_params"] == 2 * 8 * (128 + 96 + 96 + 2 * (64 + 128))
+    assert size["minimal"]["adapter_params"] == 2 * 4 * (128 + 96 + 96 + 2 * (64 + 64))
     out = tmp_path / "compact"
     proc = subprocess.run([sys.executable, "-m", "flexrank", "export", str(run), "--subnet", "minimal",
                            "--compact", str(out), "--keep-adapter"], capture_output=True, text=True)
@@ -160,6 +162,7 @@ def test_cli_exports_a_trained_runs_subnet_compact(tiny_llama_dir, tmp_path):
         diff = (model(input_ids=ids).logits - supernet.eval()(input_ids=ids).logits).abs().max()
     assert diff <= 1e-4
     assert set(model.peft_config["default"].rank_pattern.values()) == {4}
+    assert model.config.intermediate_size == 64
     assert (out / "tokenizer_config.json").exists()
 
     (tmp_path / "mine").mkdir()
