@@ -59,7 +59,7 @@ def run_config(spec: dict):
     m = METHODS[spec["method"]]
     # data "mixed": the records come from corpus.py (train_set); the task is then only a placeholder
     data = {"task": "analogy", "train_size": 2048}
-    raw = {"model": {"name_or_path": spec["model"], **m.get("model", {})},
+    raw = {"model": {"name_or_path": spec["model"], **m.get("model", {}), **spec.get("model_extra", {})},
            "data": {**data, "max_length": spec["max_length"], "packing": spec["packing"]},
            "adapter": m["adapter"],
            "training": {"output_dir": spec["out"] + ".run", "per_device_train_batch_size": spec["batch"],

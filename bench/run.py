@@ -17,6 +17,7 @@ Writes bench/results/<date>.json and .md, prints the table; --update-readme puts
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import statistics
@@ -117,10 +118,11 @@ class PeakRss:
         return self.peak
 
 
-def measure(v: Variant, a, workdir: Path) -> dict:
-    spec = {**asdict(v), "model": a.model, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
+def measure(v: Variant, a, workdir: Path, extra: dict | None = None) -> dict:
+    """One measurement in its own process(es); `extra` goes into measure.py's spec (e.g. model_extra)."""
+    spec = {**asdict(v), **(extra or {}), "model": a.model, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
             "max_length": a.long_max_length if v.data == "mixed" else a.max_length,
-            "out": str(workdir / v.key.replace(" ", "_"))}
+            "out": str(workdir / (v.key.replace(" ", "_") + "_" + hashlib.md5(json.dumps(extra).encode()).hexdigest()[:8]))}
     script = [str(HERE / "measure.py"), json.dumps(spec)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     if v.backend == "single":
