@@ -7,6 +7,9 @@ Sides, on the same model, data, adapter settings and TrainingArguments:
 - stock: what a user writes without flexrank (transformers.Trainer + peft.get_peft_model), see stock.py.
 
     python bench/measure.py '<spec JSON>'      (bench/run.py builds the spec and the launch command)
+
+With "profile": N in the spec, the run goes under torch.profiler and the N costliest operators (self CPU time)
+are written to <out>.profile.txt (how the overhead notes in bench/README.md were made).
 """
 
 import json
@@ -141,7 +144,13 @@ def main(spec: dict) -> None:
     trainer, collator = build(spec, cfg, clock)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    if spec.get("profile"):  # torch.profiler's operator table of the whole run, beside the result
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.train()
+        Path(f"{spec['out']}.profile.txt").write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(spec["profile"])))
+    else:
+        trainer.train()
     times = clock.step_times()[spec["warmup"]:]
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
