@@ -1,0 +1,173 @@
+"""One measurement, in its own process (or one of 2 launched ones): build one side, train `warmup + steps` optimizer
+steps, write the timings as JSON.
+
+Sides, on the same model, data, adapter settings and TrainingArguments:
+- flexrank: what `flexrank train` builds (modeling.load_base_model, apply_adapter / quant_nncf, build_controller,
+  FlexTrainer), in the same order as run._train;
+- stock: what a user writes without flexrank (transformers.Trainer + peft.get_peft_model), see stock.py.
+
+    python bench/measure.py '<spec JSON>'      (bench/run.py builds the spec and the launch command)
+
+With "profile": N in the spec, the run goes under torch.profiler and the N costliest operators (self CPU time)
+are written to <out>.profile.txt (how the overhead notes in bench/README.md were made).
+"""
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import corpus  # noqa: E402  (bench/ is not a package)
+import stock  # noqa: E402
+
+from flexrank.trainer import data as data_lib  # noqa: E402
+from flexrank.trainer.backends import apply_cpu_shims, zero3_init_as_configured  # noqa: E402
+from flexrank.trainer.config import load_config  # noqa: E402
+from flexrank.trainer.flex_trainer import FlexTrainer  # noqa: E402
+from flexrank.trainer.modeling import apply_adapter, load_base_model, load_tokenizer  # noqa: E402
+from flexrank.trainer.run import build_controller, load_data, tokenize, training_arguments  # noqa: E402
+
+# Adapter settings per method (flexrank recipe form; stock.py writes the same ones in peft's form). r=8, all linear
+# layers everywhere, so that the controllers' overhead is measured on the same adapter shapes as plain LoRA.
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
+METHODS = {
+    "lora": {"adapter": {"method": "lora", **LORA}},
+    "dora": {"adapter": {"method": "dora", **LORA}},
+    "qlora": {"adapter": {"method": "lora", **LORA},
+              "model": {"quantization": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                                         "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "bfloat16"}}},
+    # AdaLoRA's schedule is squeezed into the short run (allocation every step from step 1): the worst case.
+    "adalora": {"adapter": {"method": "adalora", **LORA,
+                            "adalora": {"target_r": 4, "tinit": 1, "tfinal": 1, "deltaT": 1}}},
+    "elastic": {"adapter": {"method": "elastic", **LORA, "elastic": {"search_space": {
+        "groups": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
+        "widths": [8, 6, 4], "per_layer": True}}}},
+    "sora": {"adapter": {"method": "sora", **LORA, "sora": {"sparse_lambda": 1e-3, "threshold": 5e-3}}},
+    "nncf_int4": {"adapter": {"method": "lora", **LORA},
+                  "model": {"quantization": {"method": "nncf_int4", "mode": "int4_asym", "group_size": 64,
+                                             "backup": "none"}}},
+    # Elastic base widths (issue 14, i14a) go here once the recipe form exists, e.g.
+    # "elastic_base": {"adapter": {"method": "elastic", **LORA, "elastic": {"search_space": ..., "base_widths": ...}}},
+}
+
+
+def run_config(spec: dict):
+    m = METHODS[spec["method"]]
+    # data "mixed": the records come from corpus.py (train_set); the task is then only a placeholder
+    data = {"task": "analogy", "train_size": 2048}
+    raw = {"model": {"name_or_path": spec["model"], **m.get("model", {}), **spec.get("model_extra", {})},
+           "data": {**data, "max_length": spec["max_length"], "packing": spec["packing"]},
+           "adapter": m["adapter"],
+           "training": {"output_dir": spec["out"] + ".run", "per_device_train_batch_size": spec["batch"],
+                        "max_steps": spec["warmup"] + spec["steps"], "warmup_steps": 0, "logging_steps": 10 ** 6,
+                        "report_to": [], "save_strategy": "no", "disable_tqdm": True, "seed": 0}}
+    return load_config(raw=raw)
+
+
+def train_set(cfg, tokenizer, spec: dict) -> data_lib.TokenizedDataset:
+    if spec["data"] == "mixed":
+        records = corpus.mixed_records(spec["batch"] * (spec["warmup"] + spec["steps"]) * 2, seed=0)
+        return tokenize(cfg, tokenizer, records, "text")
+    run_data = load_data(cfg)
+    return tokenize(cfg, tokenizer, run_data.train, run_data.kind)
+
+
+class StepClock(TrainerCallback):
+    """Wall time from one step's start to the next one's (so the controller's hooks, the optimizer and the data
+    loading all count), and the last step to its end."""
+
+    def __init__(self):
+        self.starts, self.end = [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.starts.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kw):
+        self.end = time.perf_counter()
+
+    def step_times(self) -> list[float]:
+        marks = self.starts + [self.end]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+class CountingCollator:
+    """Wraps a collator and counts the tokens of every batch it builds: useful (the examples' own tokens) and
+    computed (the batch tensor's size, padding included)."""
+
+    def __init__(self, inner):
+        self.inner, self.useful, self.computed = inner, [], []
+
+    def __call__(self, features, *args, **kwargs):
+        batch = self.inner(features, *args, **kwargs)
+        self.useful.append(sum(len(f["input_ids"]) for f in features))
+        self.computed.append(batch["input_ids"].numel())
+        return batch
+
+
+def build(spec: dict, cfg, clock: StepClock):
+    """The trainer for one side, and its counting collator."""
+    tokenizer = load_tokenizer(cfg.model)
+    dataset = train_set(cfg, tokenizer, spec)
+    if spec["side"] == "stock":
+        return stock.trainer(spec, cfg, tokenizer, dataset, clock)
+    args = training_arguments(cfg)
+    collator = CountingCollator(data_lib.make_collator(tokenizer, cfg.data.packing))
+    with zero3_init_as_configured(args):
+        model = load_base_model(cfg.model, tokenizer, log=lambda *_: None)
+    steps_per_epoch = max(1, len(dataset) // (spec["batch"] * int(os.environ.get("WORLD_SIZE", 1))))
+    if spec["method"] == "nncf_int4":
+        from flexrank.trainer import quant_nncf
+
+        sample = data_lib.make_collator(tokenizer, False)([dataset[0]])
+        model = quant_nncf.compress(model, cfg, sample)
+        controller = quant_nncf.build_controller(cfg, model, steps_per_epoch)
+    else:
+        model = apply_adapter(model, cfg.adapter, cfg.model.task_type)
+        controller = build_controller(cfg, model, steps_per_epoch)
+    trainer = FlexTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          controller=controller, callbacks=[clock])
+    return trainer, collator
+
+
+def main(spec: dict) -> None:
+    apply_cpu_shims()  # both sides: without it accelerate runs no real multi-process backend on a CPU machine
+    torch.manual_seed(0)
+    cfg = run_config(spec)
+    clock = StepClock()
+    trainer, collator = build(spec, cfg, clock)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if spec.get("profile"):  # torch.profiler's operator table of the whole run, beside the result
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.train()
+        Path(f"{spec['out']}.profile.txt").write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(spec["profile"])))
+    else:
+        trainer.train()
+    times = clock.step_times()[spec["warmup"]:]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    result = {
+        "step_s": statistics.median(times), "step_times": times,
+        # Tokens per step over all processes: this rank's mean per batch times the world size.
+        "useful_tokens_per_step": world * statistics.mean(collator.useful),
+        "computed_tokens_per_step": world * statistics.mean(collator.computed),
+        "cuda_max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "self_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "world_size": world,
+    }
+    out = Path(f"{spec['out']}.rank{rank}.json")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,49 @@
+"""The baseline a user writes without flexrank, kept plain on purpose: transformers' model loading, peft's
+get_peft_model (LoraConfig / AdaLoraConfig, bitsandbytes for QLoRA), transformers' own collators and the stock
+Trainer. Same model, data, adapter shapes and TrainingArguments as the flexrank side (measure.py)."""
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
+                          DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments)
+
+from flexrank.trainer.modeling import _model_path
+
+STOCK_METHODS = ("lora", "dora", "qlora", "adalora")  # the others have no stock peft equivalent
+
+
+class AdaLoraBudget(TrainerCallback):
+    """peft's AdaLoRA needs update_and_allocate after each optimizer step, before the gradients are zeroed."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+def trainer(spec: dict, cfg, tokenizer, dataset, clock):
+    from measure import CountingCollator  # the same token counting as the flexrank side
+
+    method, total = spec["method"], spec["warmup"] + spec["steps"]
+    quantized = {}
+    if method == "qlora":
+        quantized["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(_model_path(cfg.model), dtype=torch.float32, **quantized)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    common = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    if method == "adalora":
+        peft_config = AdaLoraConfig(init_r=8, target_r=4, tinit=1, tfinal=1, deltaT=1, total_step=total,
+                                    **{k: v for k, v in common.items() if k != "r"})
+    else:
+        peft_config = LoraConfig(use_dora=method == "dora", **common)
+    model = get_peft_model(model, peft_config)
+    collator = CountingCollator(DataCollatorWithFlattening() if spec["packing"]
+                                else DataCollatorForSeq2Seq(tokenizer, padding=True))
+    callbacks = [clock] + ([AdaLoraBudget(model)] if method == "adalora" else [])
+    args = TrainingArguments(**cfg.training)
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks), collator
