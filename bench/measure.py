@@ -32,7 +32,7 @@ from flexrank.trainer.backends import apply_cpu_shims, zero3_init_as_configured 
 from flexrank.trainer.config import load_config  # noqa: E402
 from flexrank.trainer.flex_trainer import FlexTrainer  # noqa: E402
 from flexrank.trainer.modeling import apply_adapter, load_base_model, load_tokenizer  # noqa: E402
-from flexrank.trainer.run import build_controller, load_data, tokenize, training_arguments  # noqa: E402
+from flexrank.trainer.run import build_controller, load_data, tokenize, tokenize_train, training_arguments  # noqa: E402
 
 # Adapter settings per method (flexrank recipe form; stock.py writes the same ones in peft's form). r=8, all linear
 # layers everywhere, so that the controllers' overhead is measured on the same adapter shapes as plain LoRA.
@@ -75,8 +75,7 @@ def train_set(cfg, tokenizer, spec: dict) -> data_lib.TokenizedDataset:
     if spec["data"] == "mixed":
         records = corpus.mixed_records(spec["batch"] * (spec["warmup"] + spec["steps"]) * 2, seed=0)
         return tokenize(cfg, tokenizer, records, "text")
-    run_data = load_data(cfg)
-    return tokenize(cfg, tokenizer, run_data.train, run_data.kind)
+    return tokenize_train(cfg, tokenizer, load_data(cfg)).dataset
 
 
 class StepClock(TrainerCallback):
