@@ -107,7 +107,7 @@ def test_merging_into_an_int4_run_is_refused_with_a_clear_error(runs, tmp_path):
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"adapter": {"method": "elastic"}}, "adapter.method"),
+    ({"adapter": {"method": "elastic", "r": 8, "elastic": NLS}}, "adapter.method"),
     ({"distributed": {"backend": "zero3", "nproc": 2}}, "distributed.backend"),
     ({"model": {"quantization": {"method": "nncf_int4_ptq", "mode": "nf4"}}}, "mode"),
 ])
