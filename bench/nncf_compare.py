@@ -4,6 +4,9 @@ float LoRA + post-training INT4 (nncf compress_weights). Prints a Markdown table
 model size on disk, train time) and writes it with the raw numbers to OUT/nncf_compare.{md,json}.
 
     python bench/nncf_compare.py --out runs/nncf_compare [--steps 12 --batch 8 --eval-size 48]
+
+`--only I` trains path I alone (0-3; run several at once on a machine with cores to spare); `--reuse` takes the
+numbers of runs already finished under OUT instead of training them again.
 """
 
 import argparse
@@ -54,11 +57,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--eval-size", type=int, default=48)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--only", type=int, action="append", help="train only this path (index 0-3; repeatable)")
+    p.add_argument("--reuse", action="store_true", help="read finished runs under OUT instead of training them")
     args = p.parse_args()
     rows = {}
     for i, (name, (recipe, overrides)) in enumerate(PATHS.items()):
         out = args.out.resolve() / f"path{i}"
-        m = train(recipe, out, overrides, args)
+        if args.only is not None and i not in args.only:
+            continue
+        done = args.reuse and (out / "metrics.json").is_file()
+        m = json.loads((out / "metrics.json").read_text()) if done else train(recipe, out, overrides, args)
         size = m["export"]["int4_model_bytes"] if "int4_model_bytes" in m["export"] else qlora_bytes(out)
         rows[name] = {"exact_match": m["after"]["exact_match"], "loss": m["after"]["loss"], "bytes": size,
                       "train_s": m["train"]["train_runtime"], "run": str(out)}
@@ -66,6 +74,8 @@ def main() -> None:
              "", "| path | exact match | held-out loss | model on disk (MB) | train time (s) |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {r['exact_match']:.3f} | {r['loss']:.4f} | {r['bytes'] / 1e6:.0f} | {r['train_s']:.0f} |"
               for n, r in rows.items()]
+    if args.only is not None:
+        return print(json.dumps(rows, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "nncf_compare.md").write_text("\n".join(lines) + "\n")
     (args.out / "nncf_compare.json").write_text(json.dumps(rows, indent=1))

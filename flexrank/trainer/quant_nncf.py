@@ -4,6 +4,8 @@
 picks one rank per decoder layer at every optimizer step, as it does for its own rank layers. Every 4-bit Linear
 gets a post-hook quantizer on its weight computing fake-quant(W + B@A); `nncf.strip` then packs W + B@A into INT4.
 The hook parameters (`__nncf_hooks.*`) are ordinary model parameters, so DDP and the Trainer see them.
+`nncf_int4_ptq` is the baseline: float LoRA, merged, then the same compress_weights call in DQ format (no FQ).
+All nncf calls of flexrank live here.
 """
 
 import copy
