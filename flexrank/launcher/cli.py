@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "or download a hub model into the HF cache (for offline clusters)")
     p.add_argument("--model", metavar="ORG/NAME", help="a hub model id to download (instead of the bundled assets)")
     p.add_argument("--revision", help="branch, tag or commit of --model (default: main)")
-    p = sub.add_parser("export", help="write a run's (sub)network as a plain peft LoRA adapter")
+    p = sub.add_parser("export", help="write a run's (sub)network as a plain peft LoRA adapter "
+                                       "(nncf runs: the INT4 model, into OUT/model.pt)")
     p.add_argument("run_dir")
     p.add_argument("--subnet", default="heuristic",
                    help="maximal | heuristic | minimal | a JSON {group: width} (elastic runs; AdaLoRA and SoRA "
@@ -188,6 +189,8 @@ def _export(args) -> None:
     for key, folder in (("--out", args.out), ("--merge-sparse", args.merge_sparse), ("--compact", args.compact)):
         if folder:
             refuse_foreign_folder(Path(folder), key)  # before the model loads
+    if _export_nncf(args):
+        return
     _, tokenizer, peft_model, controller = load_run(args.run_dir)
     if isinstance(controller, ElasticController):  # any subnet; AdaLoRA/SoRA export the ranks they learned
         print(f"[flexrank] subnet: {controller.activate(_subnet_arg(args.subnet))}")
@@ -209,6 +212,34 @@ def _export(args) -> None:
         sparsity = sparsity_of(merged)
         save_export(args.merge_sparse, merged.save_pretrained, {"sparsity": sparsity}, "--merge-sparse")
         print(f"[flexrank] merged model in {args.merge_sparse}: sparsity {sparsity:.4f}")
+
+
+def _export_nncf(args) -> bool:
+    """An nncf run exports its INT4 model (an elastic QAT run: the chosen subnet absorbed); False for other runs."""
+    from ..trainer import quant_nncf
+    from ..trainer.config import load_config
+    from ..trainer.controllers import ElasticController
+    from ..trainer.export import save_export
+    from ..trainer.run import load_run
+
+    method = quant_nncf.method_of(load_config(Path(args.run_dir) / "config.yaml"))
+    if method is None:
+        return False
+    if args.merge_sparse:
+        raise ConfigError("--merge-sparse", args.merge_sparse, "no --merge-sparse with an nncf INT4 run",
+                          "the adapters are already absorbed into the INT4 weights, and nncf runs have no sparse base")
+    if args.compact or not args.out:
+        raise ConfigError("--compact", args.compact, "--out DIR only with an nncf INT4 run",
+                          "its INT4 weights are packed per group: nothing to slice")
+    _, tokenizer, model, controller = load_run(args.run_dir)
+    if isinstance(controller, ElasticController):
+        print(f"[flexrank] subnet: {controller.activate(_subnet_arg(args.subnet))}")
+    if method == quant_nncf.QAT:
+        model = quant_nncf.strip_int4(model, quant_nncf.example_input(tokenizer))
+    summary = {}
+    save_export(args.out, lambda folder: summary.update(quant_nncf.save_int4(model, tokenizer, folder)), {})
+    print(json.dumps({"int4_model": str(Path(args.out) / "model.pt"), "int4_model_bytes": summary["int4_model_bytes"]}))
+    return True
 
 
 def _eval(args) -> None:

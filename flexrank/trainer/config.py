@@ -36,8 +36,9 @@ class _Section(BaseModel):
 
 class QuantizationConfig(_Section):
     """bitsandbytes 4-bit (QLoRA; quant_storage other than uint8 lets FSDP/ZeRO-3 shard the packed weights), or
-    nncf INT4 quantization-aware training (`method: nncf_int4`: mode, group_size, backup; see quant_nncf.py)."""
-    method: Literal["bitsandbytes", "nncf_int4"] = "bitsandbytes"
+    nncf INT4 quantization-aware training (`method: nncf_int4`: mode, group_size, backup; see quant_nncf.py), or
+    float LoRA then nncf post-training INT4 compression of the merged model (`nncf_int4_ptq`, same keys)."""
+    method: Literal["bitsandbytes", "nncf_int4", "nncf_int4_ptq"] = "bitsandbytes"
     mode: Literal["int4_asym", "int4_sym"] = "int4_asym"
     group_size: int = Field(64, gt=0)
     backup: Literal["none", "int8"] = "none"  # none: embeddings/lm_head stay float (no C++ extension build)
@@ -353,22 +354,25 @@ class RunConfig(_Section):
 
     def _nncf_combinations(self):
         q = self.model.quantization
-        if q is None or q.method != "nncf_int4":
+        if q is None or q.method == "bitsandbytes":
             return
+        if q.method == "nncf_int4_ptq" and self.adapter.method != "lora":
+            raise ConfigError("adapter.method", self.adapter.method, "lora with model.quantization.method "
+                              "nncf_int4_ptq", "the float adapter is merged into the base before INT4 compression")
         if self.adapter.method not in ("lora", "elastic"):
             raise ConfigError("adapter.method", self.adapter.method, "lora (FQ_LORA) or elastic (FQ_LORA_NLS) with "
                               "model.quantization.method nncf_int4")
         if self.adapter.sparsity:
-            raise ConfigError("adapter.sparsity", self.adapter.sparsity.method, "no sparsity with nncf_int4")
+            raise ConfigError("adapter.sparsity", self.adapter.sparsity.method, f"no sparsity with {q.method}")
         if self.distributed.backend not in ("single", "ddp"):
-            raise ConfigError("distributed.backend", self.distributed.backend, "single or ddp with nncf_int4",
+            raise ConfigError("distributed.backend", self.distributed.backend, f"single or ddp with {q.method}",
                               "nncf's quantizer hooks are tested on whole (unsharded) weights only; FSDP2/ZeRO "
                               "shard the weights the hooks read")
         if self.model.task_type != "causal_lm":
-            raise ConfigError("model.task_type", self.model.task_type, "causal_lm with nncf_int4")
+            raise ConfigError("model.task_type", self.model.task_type, f"causal_lm with {q.method}")
         if self.adapter.elastic is not None and self.adapter.elastic.base_widths is not None:
             raise ConfigError("adapter.elastic.base_widths", self.adapter.elastic.base_widths,
-                              "unset with nncf_int4", "the INT4 path makes only adapter ranks elastic")
+                              f"unset with {q.method}", "the INT4 paths make only adapter ranks elastic")
 
 
 TRAINING_DEFAULTS = {

@@ -4,6 +4,8 @@
 picks one rank per decoder layer at every optimizer step, as it does for its own rank layers. Every 4-bit Linear
 gets a post-hook quantizer on its weight computing fake-quant(W + B@A); `nncf.strip` then packs W + B@A into INT4.
 The hook parameters (`__nncf_hooks.*`) are ordinary model parameters, so DDP and the Trainer see them.
+`nncf_int4_ptq` is the baseline: float LoRA, merged, then the same compress_weights call in DQ format (no FQ).
+All nncf calls of flexrank live here.
 """
 
 import copy
@@ -23,6 +25,8 @@ os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
 
 SCALE_LR_FACTOR = 0.1  # quantizer scales train at lr/10, as nncf's downstream_qat_with_nls example does
 INT4_DIR = "int4_model"
+SUPERNET_FILE = "nncf_supernet.pt"  # QAT runs: nncf config + hook state (all ranks) + controller state, for eval/export
+QAT, PTQ = "nncf_int4", "nncf_int4_ptq"
 
 
 def _hook_storage(model):
@@ -44,25 +48,36 @@ def lora_quantizers(model) -> dict[str, torch.nn.Module]:
             if isinstance(q, LoraMixin) and q.num_bits == 4}
 
 
-def compress(model, cfg: RunConfig, sample: dict):
-    """Insert the FQ_LORA / FQ_LORA_NLS quantizers (nncf traces the model on `sample`) and make only their
-    adapters and scales trainable."""
+def _compress_weights(model, q, sample: dict, compression_format: str, rank: int | None = None):
+    """The one nncf.compress_weights call: FQ_LORA / FQ_LORA_NLS for QAT, DQ (packed INT4) for post-training."""
     import nncf
     from nncf.parameters import CompressionFormat, CompressWeightsMode
     from nncf.quantization.advanced_parameters import AdvancedCompressionParameters
 
-    q = cfg.model.quantization
-    elastic = cfg.adapter.method == "elastic"
-    model = nncf.compress_weights(
+    return nncf.compress_weights(
         model, mode=CompressWeightsMode(q.mode), group_size=q.group_size,
-        dataset=nncf.Dataset([{k: sample[k] for k in ("input_ids", "attention_mask")}]),
-        compression_format=CompressionFormat.FQ_LORA_NLS if elastic else CompressionFormat.FQ_LORA,
-        advanced_parameters=AdvancedCompressionParameters(lora_adapter_rank=cfg.adapter.r),
+        dataset=nncf.Dataset([{k: sample[k] for k in ("input_ids", "attention_mask") if k in sample}]),
+        compression_format=CompressionFormat[compression_format],
+        advanced_parameters=AdvancedCompressionParameters(lora_adapter_rank=rank) if rank else None,
         backup_mode=nncf.BackupMode.NONE if q.backup == "none" else nncf.BackupMode.INT8_ASYM)
+
+
+def compress(model, cfg: RunConfig, sample: dict):
+    """Insert the FQ_LORA / FQ_LORA_NLS quantizers (nncf traces the model on `sample`) and make only their
+    adapters and scales trainable."""
+    fmt = "FQ_LORA_NLS" if cfg.adapter.method == "elastic" else "FQ_LORA"
+    model = _compress_weights(model, cfg.model.quantization, sample, fmt, cfg.adapter.r)
     model.requires_grad_(False)
     for quantizer in lora_quantizers(model).values():
         quantizer.enable_gradients()
     return model
+
+
+def compress_merged(peft_model, cfg: RunConfig, sample: dict):
+    """The post-training baseline: a copy of the float LoRA model with the adapter merged into the base, then
+    INT4 weight compression with the same mode / group size / backup as QAT, without fake quantizers."""
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    return _compress_weights(merged, cfg.model.quantization, sample, "DQ").eval()
 
 
 def trainable_groups(model, lr: float) -> list[dict]:
@@ -95,11 +110,8 @@ class _NncfState:
     config (where the quantizers sit) and the hook storage state, so a resume restores them exactly."""
 
     def _init_nncf(self, model, lr: float):
-        from nncf.common.quantization.structs import QuantizationScheme
-
         self.model, self.lr = model, lr
-        # nncf's config holds this enum: allowed, so checkpoints' controller state loads with weights_only=True.
-        torch.serialization.add_safe_globals([QuantizationScheme])
+        allow_config_globals()  # checkpoints' controller state loads with weights_only=True
 
     def optimizer_groups(self, model) -> list[dict]:
         return trainable_groups(self.model, self.lr)
@@ -166,15 +178,18 @@ def strip_int4(model, example_input: dict):
 
 
 def export_int4(model, tokenizer, out: Path, example_input: dict) -> dict:
-    """Write `out/int4_model/model.pt` (the whole stripped module; reload with
+    """The QAT model stripped (`strip_int4`) and saved by `save_int4`."""
+    return save_int4(strip_int4(model, example_input), tokenizer, out / INT4_DIR)
+
+
+def save_int4(int4_model, tokenizer, folder: Path) -> dict:
+    """Write `folder/model.pt` (the whole packed INT4 module; reload with `load_int4` or
     `torch.load(path, weights_only=False)`, which needs torch, transformers and nncf but not flexrank) and the
     tokenizer beside it. Written to a temporary file first, so a crash never leaves a half-written model."""
-    folder = out / INT4_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    stripped = strip_int4(model, example_input)
     path = folder / "model.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(stripped, tmp)
+    torch.save(int4_model, tmp)
     os.replace(tmp, path)
     tokenizer.save_pretrained(folder)
     return {"int4_model": str(path), "int4_model_bytes": path.stat().st_size}
@@ -185,3 +200,41 @@ def load_int4(path: str | Path):
     import nncf  # noqa: F401  (the pickled decompressor hooks are nncf classes)
 
     return torch.load(path, weights_only=False, map_location="cpu").eval()
+
+
+def method_of(cfg: RunConfig) -> str | None:
+    """QAT, PTQ or None (no nncf)."""
+    q = cfg.model.quantization
+    return q.method if q is not None and q.method in (QAT, PTQ) else None
+
+
+def allow_config_globals() -> None:
+    """nncf's config holds this enum: allowed, so its state loads with weights_only=True."""
+    from nncf.common.quantization.structs import QuantizationScheme
+
+    torch.serialization.add_safe_globals([QuantizationScheme])
+
+
+def save_supernet(controller, path: Path) -> None:
+    """QAT runs: everything `load_qat_run` needs to rebuild the fake-quantized model with all its ranks."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(controller.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def example_input(tokenizer) -> dict:
+    """Any tokens do for tracing: nncf names its hooks by module, not by shape."""
+    return {"input_ids": tokenizer("flexrank", return_tensors="pt")["input_ids"]}
+
+
+def load_qat_run(cfg: RunConfig, run_dir: Path, model, steps_per_epoch: int):
+    """(fake-quantized model, controller) of a finished QAT run: nncf's quantizers rebuilt from the saved config,
+    their adapters and scales loaded; an elastic run's controller can then activate any subnet."""
+    import nncf.torch
+
+    allow_config_globals()
+    state = torch.load(run_dir / SUPERNET_FILE, weights_only=True)
+    model = nncf.torch.load_from_config(model, state["nncf_config"]).eval()
+    controller = build_controller(cfg, model, steps_per_epoch)
+    controller.load_state_dict(state)
+    return model, controller

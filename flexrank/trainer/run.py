@@ -16,7 +16,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from . import checkpoints
+from . import checkpoints, quant_nncf
 from .atomic import atomic_path, write_atomic
 from . import data as data_lib
 from .backends import apply_cpu_shims, backend_of, full_state_dict, zero3_init_as_configured
@@ -199,11 +199,10 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
             with atomic_path(out / SPARSE_BASE) as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
-    nncf_int4 = _uses_nncf(cfg)
+    nncf_method = quant_nncf.method_of(cfg)
+    nncf_int4 = nncf_method == quant_nncf.QAT
+    trace_sample = eval_collator([train_set[0]]) if nncf_method else None  # nncf traces the model on it
     if nncf_int4:  # INT4 QAT: adapters live in nncf's weight quantizers, not in peft
-        from . import quant_nncf
-
-        trace_sample = eval_collator([train_set[0]])
         peft_model = quant_nncf.compress(model, cfg, trace_sample)
         controller = quant_nncf.build_controller(cfg, peft_model, _steps_per_epoch(cfg, len(train_set)))
     else:
@@ -258,15 +257,24 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
         metrics["after"] = metrics["subnets"].get(export_subnet, {}) if isinstance(export_subnet, str) else {}
     elif cfg.eval.after:
         metrics["after"] = evaluate(cfg, peft_model, tokenizer, run_data, eval_set, eval_collator)
+    int4_ptq = None
+    if nncf_method == quant_nncf.PTQ:  # the baseline: float LoRA merged, then INT4 post-training compression
+        int4_ptq = quant_nncf.compress_merged(peft_model, cfg, trace_sample)
+        if cfg.eval.after:
+            metrics["after_float"] = metrics["after"]
+            metrics["after"] = evaluate(cfg, int4_ptq, tokenizer, run_data, eval_set, eval_collator)
     if main:
-        if nncf_int4:  # the INT4 model with the (export subnet's) adapters absorbed
+        if nncf_int4:  # the INT4 model with the (export subnet's) adapters absorbed, and the whole supernet
             metrics["export"] = quant_nncf.export_int4(peft_model, tokenizer, out, {"input_ids": trace_sample["input_ids"]})
+            quant_nncf.save_supernet(controller, out / quant_nncf.SUPERNET_FILE)
         else:
             try:
                 metrics["export"] = export_plain_adapter(peft_model, out / "adapter", full_state=full_state)
             except NothingToExport as exc:  # training itself finished: keep its metrics and rank report
                 print(f"[flexrank] no adapter written: {exc}")
                 metrics["export"] = {"error": str(exc), "modules": 0, "total_rank": 0, "params": 0, "rank_pattern": {}}
+        if int4_ptq is not None:
+            metrics["export"].update(quant_nncf.save_int4(int4_ptq, tokenizer, out / quant_nncf.INT4_DIR))
         if isinstance(controller, (SoRAController, AdaLoRAController)):
             ranks = metrics["export"]["rank_pattern"]
             every = {n.removeprefix("base_model.model."): 0 for n in controller.layers}  # pruned modules: rank 0
@@ -281,13 +289,9 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
         print(f"[flexrank] after training: {_summary(metrics['after'])}")
     write_atomic(out / "config.yaml", dump_config(cfg))
     write_json(out / "metrics.json", metrics)
-    model_dir = quant_nncf.INT4_DIR if nncf_int4 else "adapter"
+    model_dir = quant_nncf.INT4_DIR if nncf_method else "adapter"
     print(f"[flexrank] wrote {out}/{model_dir}, {out}/metrics.json, {out}/config.yaml")
     return metrics
-
-
-def _uses_nncf(cfg: RunConfig) -> bool:
-    return cfg.model.quantization is not None and cfg.model.quantization.method == "nncf_int4"
 
 
 def _summary(m: dict) -> str:
@@ -309,7 +313,12 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     if (run_dir / SPARSE_BASE).exists():
         cfg.model.name_or_path = str(run_dir / SPARSE_BASE)
     tokenizer = load_tokenizer(cfg.model)
+    if quant_nncf.method_of(cfg) == quant_nncf.PTQ:  # the run's model is the compressed INT4 one
+        return cfg, tokenizer, quant_nncf.load_int4(run_dir / quant_nncf.INT4_DIR / "model.pt"), None
     model = load_base_model(cfg.model, tokenizer)
+    if quant_nncf.method_of(cfg) == quant_nncf.QAT:
+        return (cfg, tokenizer, *quant_nncf.load_qat_run(cfg, run_dir, model,
+                                                          _steps_per_epoch(cfg, len(load_data(cfg).train))))
     if cfg.adapter.method not in RANK_METHODS:
         return cfg, tokenizer, PeftModel.from_pretrained(model, run_dir / "adapter"), None
     from peft import LoraConfig

@@ -1,0 +1,117 @@
+"""nncf runs end to end: the post-training INT4 baseline (float LoRA, merged, then nncf compress_weights), and
+`flexrank eval` / `flexrank export` of nncf runs (QAT + NLS and post-training)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("nncf")
+
+from dist_helpers import metrics, recipe, run, train_args  # noqa: E402
+
+from flexrank.trainer import quant_nncf  # noqa: E402
+from flexrank.trainer.config import load_config  # noqa: E402
+from flexrank.trainer.errors import ConfigError  # noqa: E402
+
+GROUP = 32
+NLS = {"search_space": {"one_rank_per_layer": True, "widths": [8, 6, 4]}, "evaluate_subnets": ["heuristic"],
+       "export_subnet": "heuristic"}
+
+
+def test_post_training_compression_packs_the_merged_weights_to_int4_per_group(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # a trained-looking adapter, so merging it matters
+    up = peft_model.base_model.model.model.layers[0].mlp.up_proj
+    merged = (up.base_layer.weight + up.lora_B["default"].weight @ up.lora_A["default"].weight
+              * up.scaling["default"]).detach()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    cfg = load_config(raw={"model": {"quantization": {"method": "nncf_int4_ptq", "group_size": GROUP}},
+                           "adapter": {"method": "lora", "r": 4}})
+    int4 = quant_nncf.compress_merged(peft_model, cfg, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    packed = int4.model.layers[0].mlp.up_proj.weight
+    assert packed.dtype == torch.uint8 and packed.numel() == merged.numel() // 2  # two INT4 values per byte
+    decompress = dict(quant_nncf._hook_storage(int4).named_hooks())["post_hooks.model:layers:0:mlp:up_proj:weight__0.0"]
+    with torch.no_grad():
+        dequantized = decompress(packed).float().reshape(merged.shape[0], -1, GROUP)
+    groups = merged.reshape(merged.shape[0], -1, GROUP)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15  # asymmetric INT4: 16 levels from each group's min to max
+    for row, g in zip(dequantized.flatten(0, 1), groups.flatten(0, 1)):
+        assert 2 <= len(row.unique()) <= 16
+    # Every weight within half a level of the merged float weight (+1% for the float16 scales).
+    assert ((dequantized - groups).abs() <= step.unsqueeze(-1) * 0.51 + 1e-6).all()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama_dir):
+    """A 3-step post-training run and a 3-step QAT + NLS run on the tiny Llama, evaluated after training."""
+    tmp = tmp_path_factory.mktemp("nncf_runs")
+    path = recipe(tmp, tiny_llama_dir, "lora", max_steps=3)
+    common = ("--set", "eval.after=true", "--set", "data.eval_size=4", "--set", "eval.max_new_tokens=4")
+    quant = "model.quantization={method: %s, group_size: 32}"
+    outs = {"ptq": tmp / "ptq", "qat": tmp / "qat"}
+    run(train_args(path, outs["ptq"], "single", *common, "--set", quant % "nncf_int4_ptq", match_two_processes=False))
+    run(train_args(path, outs["qat"], "single", *common, "--set", quant % "nncf_int4", "--set", "adapter.method=elastic",
+                   "--set", "adapter.r=8", "--set", f"adapter.elastic={NLS}", match_two_processes=False))
+    return outs
+
+
+def flexrank(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flexrank", *args], capture_output=True, text=True, timeout=300)
+
+
+def logits(model_file, ids):
+    with torch.no_grad():
+        return quant_nncf.load_int4(model_file)(input_ids=ids).logits
+
+
+def test_post_training_run_saves_its_int4_model_and_eval_reproduces_its_metrics(runs):
+    m = metrics(runs["ptq"])
+    model_file = runs["ptq"] / "int4_model" / "model.pt"
+    assert m["export"]["int4_model_bytes"] == model_file.stat().st_size
+    assert (runs["ptq"] / "adapter" / "adapter_model.safetensors").is_file()  # the float LoRA stays available
+    assert m["after"]["loss"] != m["after_float"]["loss"]  # "after" is the INT4 model, not the float one
+    done = run([sys.executable, "-m", "flexrank", "eval", str(runs["ptq"])])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(m["after"]["loss"], abs=1e-5)
+    assert result["exact_match"] == m["after"]["exact_match"]
+
+
+def test_qat_run_eval_reproduces_its_metrics_and_export_writes_the_chosen_subnet(runs, tmp_path):
+    m = metrics(runs["qat"])
+    done = run([sys.executable, "-m", "flexrank", "eval", str(runs["qat"]), "--subnet", "heuristic"])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(m["subnets"]["heuristic"]["loss"], abs=1e-5)
+    ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(2))
+    run([sys.executable, "-m", "flexrank", "export", str(runs["qat"]), "--out", str(tmp_path / "heuristic")])
+    run([sys.executable, "-m", "flexrank", "export", str(runs["qat"]), "--out", str(tmp_path / "minimal"),
+         "--subnet", "minimal"])
+    trained = logits(runs["qat"] / "int4_model" / "model.pt", ids)  # written at the end of training
+    heuristic = logits(tmp_path / "heuristic" / "model.pt", ids)
+    assert torch.equal(heuristic, trained)  # the same subnet absorbed and packed again: the same bytes
+    assert not torch.equal(logits(tmp_path / "minimal" / "model.pt", ids), trained)
+
+
+def test_merging_into_an_int4_run_is_refused_with_a_clear_error(runs, tmp_path):
+    done = flexrank("export", str(runs["qat"]), "--out", str(tmp_path / "a"), "--merge-sparse", str(tmp_path / "b"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--merge-sparse" in done.stderr and "absorbed into the INT4 weights" in done.stderr
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"adapter": {"method": "elastic", "r": 8, "elastic": NLS}}, "adapter.method"),
+    ({"distributed": {"backend": "zero3", "nproc": 2}}, "distributed.backend"),
+    ({"model": {"quantization": {"method": "nncf_int4_ptq", "mode": "nf4"}}}, "mode"),
+])
+def test_bad_post_training_options_are_refused(change, key):
+    raw = {"model": {"quantization": {"method": "nncf_int4_ptq"}}, **change}
+    with pytest.raises((ConfigError, ValueError), match=key):
+        load_config(raw=raw)
