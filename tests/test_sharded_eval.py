@@ -1,5 +1,5 @@
 """Sharded evaluation: `choice`, `exact_match` and `loss` on 2 processes (DDP, ZeRO-3 with generation under
-synced_gpus) equal one process's numbers. learning_rate 0 so that the trained adapter is the initial one."""
+synced_gpus; FSDP2 the same) equal one process's numbers. learning_rate 0 so that the trained adapter is the initial one."""
 
 import json
 
@@ -37,7 +37,7 @@ def single(topic_recipe):
     return metrics(out)["after"]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "zero3", "fsdp2"])
 def test_two_processes_match_one(topic_recipe, single, backend):
     out = topic_recipe.parent / backend
     proc = run(train_args(topic_recipe, out, backend))

@@ -26,6 +26,12 @@ class RunData:
     eval: list[dict]
     eval_key: str | None = None
 
+    def train_records(self):
+        """Every source's training records as dicts (null fields of mixed-form columns dropped)."""
+        for part in self.train:
+            for record in part.records:
+                yield data_lib.drop_nulls(record)
+
 
 def load_data(cfg) -> RunData:
     from datasets import Dataset

@@ -74,7 +74,7 @@ def resolve(metrics, kind: str, bundled_task: bool, records: list[dict], tokeniz
     return list(metrics)
 
 
-def label_set(cfg_choices: list[str] | None, records: list[dict]) -> list[str]:
+def label_set(cfg_choices: list[str] | None, records) -> list[str]:
     """eval.choices, or the distinct answers of the data (first-seen order, normalised duplicates merged)."""
     if cfg_choices:
         return list(cfg_choices)

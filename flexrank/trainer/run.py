@@ -5,6 +5,7 @@ sparse_base/ (the Wanda-pruned base, Shears), runs/ TensorBoard logs, checkpoint
 """
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -48,7 +49,9 @@ def evaluate(cfg: RunConfig, model, tokenizer, run_data: RunData, eval_set, coll
     start = time.perf_counter()
     metrics = eval_metrics.resolve(cfg.eval.metrics, run_data.kind, bool(cfg.data.task), run_data.eval, tokenizer,
                                    cfg.eval.max_new_tokens)
-    labels = eval_metrics.label_set(cfg.eval.choices, run_data.train + run_data.eval) if "choice" in metrics else None
+    labels = None
+    if "choice" in metrics:
+        labels = eval_metrics.label_set(cfg.eval.choices, itertools.chain(run_data.train_records(), run_data.eval))
     result = eval_metrics.evaluate_task(model, tokenizer, run_data.eval, eval_set, collator, metrics, labels=labels,
                                         batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
     return {**result, "seconds": round(time.perf_counter() - start, 3)}
