@@ -10,6 +10,12 @@ Sides, on the same model, data, adapter settings and TrainingArguments:
 
 With "profile": N in the spec, the run goes under torch.profiler and the N costliest operators (self CPU time)
 are written to <out>.profile.txt (how the overhead notes in bench/README.md were made).
+
+With "sides": [{side, method, data, packing}, ...] the sides share this one process (single backend): each is
+built in turn, then they train one optimizer step each in turn, A B C A B C ... (Turns), so that machine noise and
+drift fall on every side alike and round k's steps ran seconds apart. Timings go to <out>.shared.json. This is how
+small differences (a controller's few percent over LoRA) are measured: between processes, step times on this
+2-core machine differ by 5-15% with nothing else running.
 """
 
 import json
@@ -17,6 +23,7 @@ import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402  (bench/ is not a package)
 import stock  # noqa: E402
 
+from flexrank.launcher.launch import exit_distributed, in_launched_process  # noqa: E402
 from flexrank.trainer import data as data_lib  # noqa: E402
 from flexrank.trainer.backends import apply_cpu_shims, zero3_init_as_configured  # noqa: E402
 from flexrank.trainer.config import load_config  # noqa: E402
@@ -135,8 +143,69 @@ def build(spec: dict, cfg, clock: StepClock):
     return trainer, collator
 
 
+class Turns:
+    """One optimizer step each, in turn, for trainers sharing this process; a finished side is skipped."""
+
+    def __init__(self, sides: int):
+        self.cond, self.current, self.done = threading.Condition(), 0, [False] * sides
+
+    def wait(self, index: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.current == index)
+
+    def hand_over(self, index: int, finished: bool = False) -> None:
+        with self.cond:
+            self.done[index] = self.done[index] or finished
+            sides = len(self.done)
+            following = [(index + k) % sides for k in range(1, sides + 1)]
+            self.current = next((i for i in following if not self.done[i]), self.current)
+            self.cond.notify_all()
+
+
+class TurnClock(StepClock):
+    """StepClock for a trainer sharing the process: between two of its steps it hands over to the next side and
+    waits for its turn again, outside the timed interval (which, as StepClock's, runs from one step's start to the
+    next one's: data loading and the controller's hooks count)."""
+
+    def __init__(self, turns: Turns, index: int):
+        super().__init__()
+        self.turns, self.index, self.mark, self.times = turns, index, None, []
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.mark is not None:
+            self.times.append(time.perf_counter() - self.mark)
+            self.turns.hand_over(self.index)
+            self.turns.wait(self.index)
+        self.mark = time.perf_counter()
+
+    def step_times(self) -> list[float]:
+        return self.times + [self.end - self.mark]
+
+
+def result_of(spec: dict, clock: StepClock, collator: CountingCollator) -> dict:
+    times = clock.step_times()[spec["warmup"]:]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return {
+        "step_s": statistics.median(times), "step_times": times,
+        # Tokens per step over all processes: this rank's mean per batch times the world size.
+        "useful_tokens_per_step": world * statistics.mean(collator.useful),
+        "computed_tokens_per_step": world * statistics.mean(collator.computed),
+        "cuda_max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "self_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "world_size": world,
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def main(spec: dict) -> None:
     apply_cpu_shims()  # both sides: without it accelerate runs no real multi-process backend on a CPU machine
+    if "sides" in spec:
+        return main_shared(spec)
     torch.manual_seed(0)
     cfg = run_config(spec)
     clock = StepClock()
@@ -150,23 +219,41 @@ def main(spec: dict) -> None:
             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(spec["profile"])))
     else:
         trainer.train()
-    times = clock.step_times()[spec["warmup"]:]
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    result = {
-        "step_s": statistics.median(times), "step_times": times,
-        # Tokens per step over all processes: this rank's mean per batch times the world size.
-        "useful_tokens_per_step": world * statistics.mean(collator.useful),
-        "computed_tokens_per_step": world * statistics.mean(collator.computed),
-        "cuda_max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "self_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "world_size": world,
-    }
-    out = Path(f"{spec['out']}.rank{rank}.json")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out)
+    write_json(Path(f"{spec['out']}.rank{int(os.environ.get('RANK', 0))}.json"), result_of(spec, clock, collator))
+
+
+def main_shared(spec: dict) -> None:
+    turns = Turns(len(spec["sides"]))
+    sides = []
+    for index, side in enumerate(spec["sides"]):
+        side_spec = {**spec, **side}
+        torch.manual_seed(0)  # each side starts as it would in a process of its own
+        clock = TurnClock(turns, index)
+        trainer, collator = build(side_spec, run_config(side_spec), clock)
+        sides.append((side_spec, trainer, clock, collator))
+    errors: dict[int, str] = {}
+
+    def train(index: int, trainer) -> None:
+        turns.wait(index)  # set-up and first step of each side in turn too
+        try:
+            trainer.train()
+        except Exception as exc:  # reported for this side; the others go on
+            errors[index] = f"{type(exc).__name__}: {exc}"
+        finally:
+            turns.hand_over(index, finished=True)
+
+    threads = [threading.Thread(target=train, args=(i, t)) for i, (_, t, _, _) in enumerate(sides)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out = {}
+    for index, (side_spec, _, clock, collator) in enumerate(sides):
+        out[index] = {"error": errors[index]} if index in errors else result_of(side_spec, clock, collator)
+    write_json(Path(f"{spec['out']}.shared.json"), {"sides": [out[i] for i in range(len(sides))]})
 
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]))
+    if in_launched_process():
+        exit_distributed()  # as `flexrank train` does: gloo processes sometimes abort in interpreter teardown

@@ -12,6 +12,12 @@ processes, as `flexrank train --backend` does), so peak memory is per measuremen
 (sampled) on CPU, torch.cuda.max_memory_allocated summed over ranks on GPU. The measurements of a round run one
 after the other and the rounds alternate their order (A B ... B A ...), so machine noise and drift hit both sides
 of a ratio; each ratio is taken within a round and reported as the median [min-max] over rounds.
+The rows with a target on one process (flexrank LoRA vs stock, each controller vs flexrank LoRA) are measured more
+finely: their sides share one process and take one optimizer step each in turn (measure.py "sides"), each ratio
+is taken per round of steps (`--shared-steps` rounds), and each side also runs once in a process of its own for
+its peak memory. Between processes, step times on a 2-core machine differ by 5-15% with nothing else running, more
+than the 3% a controller may cost; within one process the sides see the same machine state (steps still vary by
+about 10% on such a machine, hence many rounds).
 Writes bench/results/<date>.json and .md, prints the table; --update-readme puts it into bench/README.md.
 """
 
@@ -70,6 +76,7 @@ class Comparison:
     b: Variant
     metric: str  # speedup (b's step time / a's), overhead (a's step time / b's - 1), tokens (a's tokens/s / b's)
     target: tuple[str, float] | None = None  # (">=" | "<=", bound)
+    shared: bool = False  # both sides in one process, steps taken in turn (measure_shared); else process rounds
     ratios: list[float] = field(default_factory=list)
 
 
@@ -81,13 +88,16 @@ def plan(methods, backends, quick: bool) -> list[Comparison]:
             if backend in UNSHARDABLE.get(method, ()):
                 continue
             flex = Variant("flexrank", method, backend)
+            # The rows with a target on one process: one process, steps in turn (see the module docstring).
             if method in STOCK_METHODS:
                 comps.append(Comparison(f"{method}: flexrank vs stock", flex, Variant("stock", method, backend),
-                                        "speedup", (">=", 1.0) if method == "lora" else None))
+                                        "speedup", (">=", 1.0) if method == "lora" else None,
+                                        shared=method == "lora" and backend == "single"))
             if method != "lora" and "lora" in methods:
                 comps.append(Comparison(f"{method}: overhead vs flexrank LoRA", flex,
                                         Variant("flexrank", "lora", backend), "overhead",
-                                        ("<=", 0.03) if method in CONTROLLERS else None))
+                                        ("<=", 0.03) if method in CONTROLLERS else None,
+                                        shared=method in CONTROLLERS and backend == "single"))
     if "single" in backends and "lora" in methods:
         comps.append(Comparison("packing: packed vs padded (mixed-length)",
                                 Variant("flexrank", "lora", data="mixed", packing=True),
@@ -118,17 +128,19 @@ class PeakRss:
         return self.peak
 
 
-def measure(v: Variant, a, workdir: Path, extra: dict | None = None) -> dict:
-    """One measurement in its own process(es); `extra` goes into measure.py's spec (e.g. model_extra)."""
-    spec = {**asdict(v), **(extra or {}), "model": a.model, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
-            "max_length": a.long_max_length if v.data == "mixed" else a.max_length,
-            "out": str(workdir / (v.key.replace(" ", "_") + "_" + hashlib.md5(json.dumps(extra).encode()).hexdigest()[:8]))}
+def _spec(v: Variant, a, out: Path, extra: dict | None = None) -> dict:
+    return {**asdict(v), **(extra or {}), "model": a.model, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
+            "max_length": a.long_max_length if v.data == "mixed" else a.max_length, "out": str(out)}
+
+
+def _run_measure(spec: dict, backend: str, label: str) -> tuple[int, float]:
+    """Runs measure.py on `backend`; returns the peak RSS of its process tree and the wall time."""
     script = [str(HERE / "measure.py"), json.dumps(spec)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    if v.backend == "single":
+    if backend == "single":
         cmd = [sys.executable] + script
     else:  # flexrank's own launch (launcher/launch.py), with this script in place of `-m flexrank ...`
-        dist = SimpleNamespace(backend=v.backend, nproc=2, nnodes=1, node_rank=0, main_process_port=free_port(),
+        dist = SimpleNamespace(backend=backend, nproc=2, nnodes=1, node_rank=0, main_process_port=free_port(),
                                main_process_ip=None, deepspeed_config=None)
         cmd, extra = launch_command(dist, [])
         cmd, env = cmd[:-2] + script, {**env, **extra}
@@ -140,18 +152,45 @@ def measure(v: Variant, a, workdir: Path, extra: dict | None = None) -> dict:
         peak = rss.stop()
         if rc != 0:
             log.seek(0)
-            tail = "\n".join(log.read().strip().splitlines()[-25:])
-            raise RuntimeError(f"{v.key}: measure.py exited {rc}:\n{tail}")
-    ranks = [json.loads(p.read_text()) for p in sorted(workdir.glob(spec["out"].rsplit("/", 1)[1] + ".rank*.json"))]
-    for p in workdir.glob(spec["out"].rsplit("/", 1)[1] + ".rank*.json"):
+            tail = "\n".join(log.read().strip().splitlines()[-60:])
+            raise RuntimeError(f"{label}: measure.py exited {rc}:\n{tail}")
+    return peak, time.perf_counter() - start
+
+
+def measure(v: Variant, a, workdir: Path, extra: dict | None = None) -> dict:
+    """One measurement in its own process(es); `extra` goes into measure.py's spec (e.g. model_extra)."""
+    out = workdir / (v.key.replace(" ", "_") + "_" + hashlib.md5(json.dumps(extra).encode()).hexdigest()[:8])
+    peak, wall = _run_measure(_spec(v, a, out, extra), v.backend, v.key)
+    files = sorted(workdir.glob(out.name + ".rank*.json"))
+    ranks = [json.loads(p.read_text()) for p in files]
+    for p in files:
         p.unlink()
     r0 = ranks[0]
     cuda = [r["cuda_max_allocated"] for r in ranks if r["cuda_max_allocated"] is not None]
-    return {"step_s": max(r["step_s"] for r in ranks),  # the step ends when the slowest rank does
-            "useful_tokens_per_s": r0["useful_tokens_per_step"] / max(r["step_s"] for r in ranks),
+    step_s = max(r["step_s"] for r in ranks)  # the step ends when the slowest rank does
+    return {"step_s": step_s, "useful_tokens_per_s": r0["useful_tokens_per_step"] / step_s,
             "padding_share": 1 - r0["useful_tokens_per_step"] / r0["computed_tokens_per_step"],
             "peak_memory_bytes": sum(cuda) if cuda else peak, "memory_kind": "cuda_max_allocated" if cuda else "rss",
-            "wall_s": time.perf_counter() - start}
+            "wall_s": wall}
+
+
+def measure_shared(variants: list[Variant], a, workdir: Path) -> dict[str, dict]:
+    """The variants in one process (single backend), one optimizer step each in turn, `a.shared_steps` measured
+    rounds: per variant its step times (round k of every variant ran seconds apart) and useful tokens/s.
+    Memory is not per variant here (one process holds them all): it comes from the variants' own runs."""
+    out = workdir / "shared"
+    spec = {**_spec(variants[0], a, out), "steps": a.shared_steps,
+            "sides": [{"side": v.side, "method": v.method, "data": v.data, "packing": v.packing} for v in variants]}
+    _, wall = _run_measure(spec, "single", "shared process")
+    path = out.with_name(out.name + ".shared.json")
+    sides = json.loads(path.read_text())["sides"]
+    path.unlink()
+    results = {}
+    for v, r in zip(variants, sides):
+        results[v.key] = r if "error" in r else {
+            "step_s": r["step_s"], "step_times": r["step_times"],
+            "useful_tokens_per_s": r["useful_tokens_per_step"] / r["step_s"], "wall_s": wall}
+    return results
 
 
 def ratio(c: Comparison, a: dict, b: dict) -> float:
@@ -160,6 +199,14 @@ def ratio(c: Comparison, a: dict, b: dict) -> float:
     if c.metric == "overhead":
         return a["step_s"] / b["step_s"] - 1
     return a["useful_tokens_per_s"] / b["useful_tokens_per_s"]
+
+
+def shared_ratios(c: Comparison, shared: dict[str, dict]) -> list[float]:
+    """One ratio per round of the shared process (step k of A against step k of B)."""
+    a, b = shared[c.a.key], shared[c.b.key]
+    if "error" in a or "error" in b:
+        return []
+    return [ratio(c, {"step_s": ta}, {"step_s": tb}) for ta, tb in zip(a["step_times"], b["step_times"])]
 
 
 def spread(xs: list[float]) -> dict:
@@ -183,25 +230,27 @@ def _fmt_ratio(c: Comparison) -> str:
     return f"{s['median']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
 
 
-def table(comps: list[Comparison], runs: dict[str, list[dict]]) -> str:
-    def med(key, name, scale=1.0, digits=0):
-        ok = [r[name] / scale for r in runs[key] if "error" not in r]
+def table(comps: list[Comparison], runs: dict[str, list[dict]], shared: dict[str, dict]) -> str:
+    def med(c, key, name, scale=1.0, digits=0):
+        timed = c.shared and name != "peak_memory_bytes"  # memory: from the variant's own process
+        ok = [r[name] / scale for r in ([shared.get(key, {})] if timed else runs.get(key, [])) if name in r]
         return f"{statistics.median(ok):.{digits}f}" if ok else "failed"
 
     lines = ["| comparison | backend | A s/step | B s/step | ratio median [min, max] | target | met | "
              "A tok/s | B tok/s | A peak MB | B peak MB |", "|" + "---|" * 11]
     for c in comps:
+        backend = f"{c.a.backend}, one process" if c.shared else c.a.backend
+        times = f"{med(c, c.a.key, 'step_s', digits=3)} | {med(c, c.b.key, 'step_s', digits=3)}"
         if not c.ratios:
-            lines.append(f"| {c.name} | {c.a.backend} | {med(c.a.key, 'step_s', digits=3)} | "
-                         f"{med(c.b.key, 'step_s', digits=3)} | failed (see the JSON) |" + " |" * 6)
+            lines.append(f"| {c.name} | {backend} | {times} | failed (see the JSON) |" + " |" * 6)
             continue
         ok = meets(c)
         target = "" if c.target is None else (f"{c.target[0]} {100 * c.target[1]:.0f}%" if c.metric == "overhead"
                                               else f"{c.target[0]} {c.target[1]:.1f}x")
-        lines.append(f"| {c.name} | {c.a.backend} | {med(c.a.key, 'step_s', digits=3)} | {med(c.b.key, 'step_s', digits=3)} | "
-                     f"{_fmt_ratio(c)} | {target} | {'' if ok is None else ('yes' if ok else '**no**')} | "
-                     f"{med(c.a.key, 'useful_tokens_per_s')} | {med(c.b.key, 'useful_tokens_per_s')} | "
-                     f"{med(c.a.key, 'peak_memory_bytes', 2**20)} | {med(c.b.key, 'peak_memory_bytes', 2**20)} |")
+        lines.append(f"| {c.name} | {backend} | {times} | {_fmt_ratio(c)} | {target} | "
+                     f"{'' if ok is None else ('yes' if ok else '**no**')} | "
+                     f"{med(c, c.a.key, 'useful_tokens_per_s')} | {med(c, c.b.key, 'useful_tokens_per_s')} | "
+                     f"{med(c, c.a.key, 'peak_memory_bytes', 2**20)} | {med(c, c.b.key, 'peak_memory_bytes', 2**20)} |")
     return "\n".join(lines)
 
 
@@ -233,11 +282,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="measured steps per run (after warm-up)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None, help="rounds (each measures every variant once)")
+    p.add_argument("--shared-steps", type=int, default=None,
+                   help="measured steps per side in the one-process comparisons (quick 16, else 32)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--eval", action="store_true", help=f"also run {EVAL_BENCH.name} (1 vs 2 processes evaluation)")
     p.add_argument("--update-readme", action="store_true", help="put the table into bench/README.md")
     a = p.parse_args(argv)
-    quick_or_full = {"steps": (3, 8), "warmup": (1, 2), "repeats": (2, 3), "batch": (4, 8), "long_max_length": (256, 512)}
+    quick_or_full = {"steps": (3, 8), "warmup": (1, 2), "repeats": (2, 3), "batch": (4, 8), "long_max_length": (256, 512),
+                     "shared_steps": (16, 32)}
     for name, (quick, full) in quick_or_full.items():
         if getattr(a, name) is None:
             setattr(a, name, quick if a.quick else full)
@@ -250,12 +302,29 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     comps = plan(a.only, a.backends, a.quick)
     variants = list(dict.fromkeys(v for c in comps for v in (c.a, c.b)))
+    # Variants that only a one-process comparison times are run on their own once, for their memory.
+    timed = {v for c in comps if not c.shared for v in (c.a, c.b)}
+    in_shared = list(dict.fromkeys(v for c in comps if c.shared for v in (c.a, c.b)))
     runs: dict[str, list[dict]] = {v.key: [] for v in variants}
+    shared: dict[str, dict] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flexrank-bench-") as tmp:
+        if in_shared:
+            try:
+                shared = measure_shared(in_shared, a, Path(tmp))
+                said = ", ".join(f"{k}: {r.get('step_s', 0):.3f} s/step" if "error" not in r else f"{k}: {r['error']}"
+                                 for k, r in shared.items())
+            except RuntimeError as exc:
+                shared, said = {v.key: {"error": str(exc)} for v in in_shared}, str(exc)
+            print(f"[bench] one process, steps in turn: {said}", flush=True)
+            for c in comps:
+                if c.shared:
+                    c.ratios = shared_ratios(c, shared)
         for round_ in range(a.repeats):
             order = variants if round_ % 2 == 0 else variants[::-1]
             for v in order:
+                if round_ > 0 and v not in timed:
+                    continue
                 try:
                     runs[v.key].append(measure(v, a, Path(tmp)))
                     said = f"{runs[v.key][-1]['step_s']:.3f} s/step"
@@ -264,20 +333,22 @@ def main(argv=None) -> dict:
                     said = str(exc)
                 print(f"[bench] round {round_ + 1}/{a.repeats} {v.key}: {said}", flush=True)
             for c in comps:
-                if "error" not in runs[c.a.key][round_] and "error" not in runs[c.b.key][round_]:
+                if not c.shared and "error" not in runs[c.a.key][round_] and "error" not in runs[c.b.key][round_]:
                     c.ratios.append(ratio(c, runs[c.a.key][round_], runs[c.b.key][round_]))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     now = datetime.datetime.now()
     header = (f"`{command.strip()}` on {now:%Y-%m-%d %H:%M}, {device}, model {a.model}, batch {a.batch} per process, "
-              f"{a.warmup} warm-up + {a.steps} measured steps, {a.repeats} interleaved rounds, "
+              f"{a.warmup} warm-up + {a.steps} measured steps, {a.repeats} interleaved rounds of processes; rows "
+              f"'one process': {len(in_shared)} sides in one process, {a.warmup} warm-up + {a.shared_steps} "
+              "measured steps each, in turn, ratio per round of steps, memory from each side's own process; "
               f"{time.perf_counter() - started:.0f} s in all. A = the first side named, B = the second; speedup = "
               "B's step time / A's, overhead = A's / B's - 1, packing = A's useful tokens/s / B's; peak = "
               f"{'CUDA max allocated, summed over ranks' if torch.cuda.is_available() else 'RSS of the process tree'}.")
-    text = header + "\n\n" + table(comps, runs)
+    text = header + "\n\n" + table(comps, runs, shared)
     result = {"command": command.strip(), "date": now.isoformat(timespec="seconds"), "device": device,
-              "args": vars(a), "runs": runs,
-              "comparisons": [{"name": c.name, "a": c.a.key, "b": c.b.key, "metric": c.metric,
+              "args": vars(a), "runs": runs, "shared": shared,
+              "comparisons": [{"name": c.name, "a": c.a.key, "b": c.b.key, "metric": c.metric, "shared": c.shared,
                                "target": c.target, "met": meets(c), "ratios": c.ratios, **spread(c.ratios)}
                               for c in comps]}
     if a.eval:

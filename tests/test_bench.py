@@ -45,24 +45,57 @@ def test_mfu_and_peak():
 
 def test_run_writes_json_and_table_from_a_measured_run(tiny_llama_dir, tmp_path):
     _run("run.py", "--only", "lora", "--backends", "single", "--steps", "2", "--warmup", "1", "--repeats", "1",
-         "--batch", "4", "--long-max-length", "64", "--model", str(tiny_llama_dir), "--out", str(tmp_path))
+         "--shared-steps", "3", "--batch", "4", "--long-max-length", "64", "--model", str(tiny_llama_dir),
+         "--out", str(tmp_path))
     (result_file,) = tmp_path.glob("*.json")
     result = json.loads(result_file.read_text())
-    runs = result["runs"]
-    flex, stock = runs["flexrank lora single"][0], runs["stock lora single"][0]
+    runs, shared = result["runs"], result["shared"]
     packed, padded = runs["flexrank lora single mixed packed"][0], runs["flexrank lora single mixed padded"][0]
     comps = {c["name"]: c for c in result["comparisons"]}
+    # flexrank vs stock on one process: both in one process, one ratio per round of steps
+    flex, stock = shared["flexrank lora single"], shared["stock lora single"]
+    assert len(flex["step_times"]) == len(stock["step_times"]) == 3
     speed = comps["lora: flexrank vs stock"]
-    assert speed["ratios"] == [pytest.approx(stock["step_s"] / flex["step_s"])]
-    assert speed["met"] == (stock["step_s"] / flex["step_s"] >= 1.0)
+    assert speed["shared"] and speed["ratios"] == [pytest.approx(b / a) for a, b in zip(flex["step_times"],
+                                                                                       stock["step_times"])]
+    assert speed["met"] == (sorted(speed["ratios"])[1] >= 1.0)
     packing = comps["packing: packed vs padded (mixed-length)"]
+    assert not packing["shared"]
     assert packing["median"] == pytest.approx(packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"])
     # packed batches carry no padding; padded ones on mixed-length data do
     assert packed["padding_share"] == 0 and padded["padding_share"] > 0.2
-    assert flex["peak_memory_bytes"] > 100 * 2**20 and flex["memory_kind"] == "rss"
+    own = runs["flexrank lora single"][0]  # each shared side also ran once on its own, for its memory
+    assert own["peak_memory_bytes"] > 100 * 2**20 and own["memory_kind"] == "rss"
     table = result_file.with_suffix(".md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| lora: flexrank vs stock"))
-    assert f"| {flex['step_s']:.3f} | {stock['step_s']:.3f} | {speed['median']:.2f}x" in row
+    assert (f"| single, one process | {flex['step_s']:.3f} | {stock['step_s']:.3f} | {speed['median']:.2f}x" in row
+            and row.rstrip(" |").endswith(f"{own['peak_memory_bytes'] / 2**20:.0f} | "
+                                          f"{runs['stock lora single'][0]['peak_memory_bytes'] / 2**20:.0f}"))
+
+
+def test_turns_alternate_steps_and_skip_finished_sides():
+    """measure.py's Turns: one step per side in turn (A B C A B C ...); a side that finished is skipped."""
+    import threading
+
+    from measure import Turns
+
+    turns, log = Turns(3), []
+
+    def side(index, steps):
+        turns.wait(index)
+        for step in range(steps):
+            if step:
+                turns.hand_over(index)
+                turns.wait(index)
+            log.append(index)
+        turns.hand_over(index, finished=True)
+
+    threads = [threading.Thread(target=side, args=(i, n)) for i, n in enumerate((3, 1, 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert log == [0, 1, 2, 0, 2, 0]
 
 
 def test_update_readme_replaces_only_the_table(tmp_path):

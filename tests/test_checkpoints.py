@@ -47,6 +47,7 @@ def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path):
     trainer = FlexTrainer(model=model, args=args, train_dataset=ProgressionData(), eval_dataset=ProgressionData(n=8),
                           controller=controller)
     trainer.train()
+    assert not any(layer.guard_recompute for layer in controller.layers.values())  # no checkpointing: no check
     evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
     best = min(evals, key=evals.get)
     assert best == 2, evals  # premise: the best checkpoint is the oldest one

@@ -143,6 +143,7 @@ def test_sandwich_rule_in_a_training_run(tiny_llama, tmp_path):
         for _micro_batch in range(2):
             expected += [(step, 0, MAXIMAL), (step, 1, MINIMAL), (step, 2, dict(plain.config))]
     assert passes == expected
+    assert all(layer.guard_recompute for layer in ctrl.layers.values())  # checkpointing: the mask check is on
     # Each pass: a forward and its recomputation in backward, with the pass's width for L1 up_proj.
     assert widths == [w for _, _, c in expected for w in (c["L1:up_proj"],) * 2]
     # The maximal pass trains every rank of every module: all of A changed (B starts at zero, as in peft).

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from flexrank.trainer.export import export_plain_adapter
-from flexrank.trainer.rank_layer import rank_layers, register_rank_layer
+from flexrank.trainer.rank_layer import guard_recomputation, rank_layers, register_rank_layer
 
 R, ALPHA = 8, 16
 
@@ -93,6 +93,46 @@ def test_mask_changed_before_the_recompute_is_an_error(tiny_llama, batch):
     rank_layers(model)["base_model.model.model.layers.0.self_attn.v_proj"].set_width(2)
     with pytest.raises(RuntimeError, match="rank mask changed between a forward pass and its backward"):
         loss.backward()
+
+
+def _graph_nodes(tensor) -> list[str]:
+    seen, todo, names = set(), [tensor.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo += [next_fn for next_fn, _ in node.next_functions]
+    return names
+
+
+def test_mask_check_only_where_the_model_recomputes(tiny_llama, batch):
+    """The check costs a Python autograd node per layer: FlexTrainer switches it off without gradient checkpointing
+    (the backward then uses the mask product saved in forward), and on with it."""
+    model = rank_model(tiny_llama).train()
+    layers = len(rank_layers(model))
+    guards = lambda: _graph_nodes(model(**batch).loss).count("_MaskUnchangedUntilBackwardBackward")  # noqa: E731
+    assert guards() == layers  # a model nobody checked keeps the safe default
+    assert guard_recomputation(model) is False and guards() == 0
+    # Without the check, a mask written between forward and backward cannot change the gradients.
+    for layer in rank_layers(model).values():
+        layer.set_width(5)
+    model(**batch).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    loss = model(**batch).loss
+    for layer in rank_layers(model).values():
+        layer.set_width(2)
+    loss.backward()
+    for want, p in zip(expected, [p for p in model.parameters() if p.grad is not None]):
+        torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+    model.zero_grad()
+    _checkpointed(model)
+    assert guard_recomputation(model) is True
+    loss = model(**batch).loss
+    assert "_MaskUnchangedUntilBackwardBackward" in _graph_nodes(loss)  # inside the checkpointed layers' graph
+    loss.backward()
 
 
 def test_export_random_subnet_loads_in_stock_peft_with_identical_logits(tiny_llama, batch, tmp_path):

@@ -100,7 +100,7 @@ _LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "
 
 
 def _train(args) -> int:
-    from .launch import format_command, in_launched_process, launch_command
+    from .launch import exit_distributed, format_command, in_launched_process, launch_command
     from .signals import run_forwarding_signals
     from ..trainer.checks import CHECKED_ENV, already_checked, check_recipe
     from ..trainer.config import load_config
@@ -128,21 +128,8 @@ def _train(args) -> int:
         print(f"[flexrank] {stop}", flush=True)
         status = PREEMPTED_EXIT
     if in_launched_process():
-        _exit_distributed(status)
+        exit_distributed(status)
     return status
-
-
-def _exit_distributed(status: int = 0) -> None:
-    """Tear down and leave at once: distributed CPU processes sometimes abort in interpreter teardown after
-    finishing, which fails the whole launch (reference: distributed.md §5)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def _check(args) -> None:
@@ -272,7 +259,7 @@ def _slurm(args) -> int:
 
 
 def _search(args) -> int:
-    from .launch import format_command, free_port, in_launched_process, launch_command
+    from .launch import exit_distributed, format_command, free_port, in_launched_process, launch_command
     from ..trainer.config import DistributedConfig
     from ..trainer.elastic.search import load_search_config, search
 
@@ -289,7 +276,7 @@ def _search(args) -> int:
         PartialState(cpu=not torch.cuda.is_available())  # the process group the search splits subnets over
     search(args.run_dir, args.overrides)
     if in_launched_process():
-        _exit_distributed()
+        exit_distributed()
     return 0
 
 

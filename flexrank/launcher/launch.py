@@ -53,3 +53,16 @@ def launch_command(dist, argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def format_command(cmd: list[str], env: dict[str, str]) -> str:
     return " ".join([f"{k}={v}" for k, v in env.items()] + [shlex.quote(c) for c in cmd])
+
+
+def exit_distributed(status: int = 0) -> None:
+    """Tear down and leave at once: distributed CPU processes sometimes abort in interpreter teardown after
+    finishing, which fails the whole launch (reference: distributed.md §5)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

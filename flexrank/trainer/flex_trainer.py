@@ -12,6 +12,7 @@ from . import checkpoints
 from .atomic import write_atomic
 from .backends import backend_of, call_when_gradients_are_final, stepping_optimizers
 from .portable_state import PortableResume, PortableStateCallback
+from .rank_layer import guard_recomputation
 from .controllers import RankController
 
 STATE_FILE = "flexrank_controller.pt"
@@ -28,6 +29,8 @@ class _ControllerCallback(TrainerCallback):
         self.final_gradient_calls = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # The Trainer has switched gradient checkpointing on by now: the mask check is only needed under it.
+        guard_recomputation(self.trainer.model)
         optimizers = stepping_optimizers(self.trainer)
         for optimizer in optimizers:
             self.controller.attach(optimizer)

@@ -23,31 +23,48 @@ from torch import nn
 
 class _OrthogonalityGradient(torch.autograd.Function):
     """Identity on the layer's output; its backward adds w · ∂(‖AAᵀ − I‖_F + ‖BᵀB − I‖_F)/∂(A, B) to the
-    gradients of A and B (AdaLoRA's orthogonal regulariser). Applying it inside the layer's own backward, where
+    gradients of A and B (AdaLoRA's orthogonal regulariser) and leaves the regulariser's value on `holder` (a
+    tensor, read only when logged: no device sync per layer). Applying it inside the layer's own backward, where
     ZeRO-3 and FSDP2 have A and B gathered, avoids a loss term over parameters that are sharded outside forward."""
 
     @staticmethod
-    def forward(ctx, result, a, b, weight):
+    def forward(ctx, result, a, b, weight, holder):
         ctx.save_for_backward(a, b)
-        ctx.weight = weight
+        ctx.weight, ctx.holder = weight, holder
         return result.view_as(result)
 
     @staticmethod
     def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        eye = torch.eye(a.shape[0], device=a.device, dtype=torch.float32)
-        m_a = a.float() @ a.float().T - eye
-        m_b = b.float().T @ b.float() - eye
+        a_in, b_in = ctx.saved_tensors
+        a, b = a_in.float(), b_in.float()
+        minus_eye = _minus_eye(a.shape[0], a.device)
+        m_a = torch.addmm(minus_eye, a, a.T)  # A Aᵀ − I
+        m_b = torch.addmm(minus_eye, b.T, b)  # Bᵀ B − I
+        norm_a, norm_b = torch._foreach_norm([m_a, m_b])
+        ctx.holder.orthogonality_value = (norm_a + norm_b).detach()
         # d‖M‖_F = ⟨M, dM⟩ / ‖M‖_F with M symmetric: ∂/∂A = 2 M A / ‖M‖_F, ∂/∂B = 2 B M / ‖M‖_F
-        grad_a = 2 * ctx.weight * (m_a @ a.float()) / m_a.norm().clamp_min(1e-12)
-        grad_b = 2 * ctx.weight * (b.float() @ m_b) / m_b.norm().clamp_min(1e-12)
-        return grad, grad_a.to(a.dtype), grad_b.to(b.dtype), None
+        grad_a = (m_a @ a).mul_(2 * ctx.weight / norm_a.clamp_min(1e-12))
+        grad_b = (b @ m_b).mul_(2 * ctx.weight / norm_b.clamp_min(1e-12))
+        return grad, grad_a.to(a_in.dtype), grad_b.to(b_in.dtype), None, None
+
+
+_MINUS_EYE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _minus_eye(r: int, device: torch.device) -> torch.Tensor:
+    """−I of size r in float32, made once per (r, device): the regulariser's backward runs in every layer."""
+    key = (r, device)
+    if key not in _MINUS_EYE:
+        _MINUS_EYE[key] = -torch.eye(r, device=device, dtype=torch.float32)
+    return _MINUS_EYE[key]
 
 
 class _MaskUnchangedUntilBackward(torch.autograd.Function):
     """Identity whose backward checks that the layer's mask was not rewritten since this forward. With gradient
     checkpointing the backward recomputes the forward from the *current* mask: a controller that changed it in
-    between would silently train another subnet than the loss was computed with. Fail loudly instead."""
+    between would silently train another subnet than the loss was computed with. Fail loudly instead.
+    Without checkpointing the backward uses the mask product saved by the forward, so there is nothing to guard:
+    FlexTrainer turns the guard off then (`guard_recomputation`), as it costs a Python autograd node per layer."""
 
     @staticmethod
     def forward(ctx, h, layer, generation):
@@ -60,11 +77,6 @@ class _MaskUnchangedUntilBackward(torch.autograd.Function):
             raise RuntimeError("flexrank: a rank mask changed between a forward pass and its backward (gradient "
                                "checkpointing would recompute with the new mask); set masks only before a pass")
         return grad, None, None
-
-
-def orthogonality(a: torch.Tensor, b: torch.Tensor) -> float:
-    eye = torch.eye(a.shape[0], device=a.device)
-    return float((a.float() @ a.float().T - eye).norm() + (b.float().T @ b.float() - eye).norm())
 
 
 class RankVariant(LoraVariant):
@@ -86,14 +98,13 @@ class RankVariant(LoraVariant):
         a = active_adapter
         h = module.lora_A[a](module.lora_dropout[a](x))
         h = h * module.rank_weights(a).to(h.dtype)
-        if torch.is_grad_enabled():
+        if module.guard_recompute and torch.is_grad_enabled():
             h = _MaskUnchangedUntilBackward.apply(h, module, module.mask_generation)
         result = result + module.lora_B[a](h) * module.scaling[a]
         weight = getattr(module, "orthogonality_weight", 0.0)  # set by the AdaLoRA controller
         if weight and torch.is_grad_enabled():
-            a_w, b_w = module.lora_A[a].weight, module.lora_B[a].weight
-            module.orthogonality_value = orthogonality(a_w.detach(), b_w.detach())
-            result = _OrthogonalityGradient.apply(result, a_w, b_w, weight)
+            result = _OrthogonalityGradient.apply(result, module.lora_A[a].weight, module.lora_B[a].weight, weight,
+                                                  module)
         return result
 
     @staticmethod
@@ -114,6 +125,7 @@ class RankLoraLinear(LoraLinear):
     # (ones) unless a controller that learns it switches requires_grad on.
     other_param_names = LoraLinear.other_param_names + ("lora_gate", "lora_rank_mask")
     mask_generation = 0  # bumped by every mask write; see _MaskUnchangedUntilBackward
+    guard_recompute = True  # off when nothing recomputes a forward in backward (guard_recomputation)
 
     def resolve_lora_variant(self, *, config, **kwargs):
         return RankVariant()
@@ -147,8 +159,25 @@ def register_rank_layer(config: LoraConfig) -> LoraConfig:
     return config
 
 
+def set_masks(layers: list[RankLoraLinear], masks: list[torch.Tensor], adapter: str = "default") -> None:
+    """RankLoraLinear.set_mask for many layers in one foreach copy (a controller may re-mask every module each step)."""
+    buffers = [layer.lora_rank_mask[adapter] for layer in layers]
+    torch._foreach_copy_(buffers, [m.to(device=b.device, dtype=b.dtype) for m, b in zip(masks, buffers)])
+    for layer in layers:
+        layer.mask_generation += 1
+
+
 def rank_layers(model: nn.Module) -> dict[str, RankLoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, RankLoraLinear)}
+
+
+def guard_recomputation(model: nn.Module) -> bool:
+    """Turn the rank layers' mask-unchanged check on where the model checkpoints activations (transformers sets
+    `gradient_checkpointing` on the layers it recomputes) and off elsewhere; returns whether it is on."""
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    for layer in rank_layers(model).values():
+        layer.guard_recompute = checkpointed
+    return checkpointed
 
 
 def private_api_problems() -> list[str]:

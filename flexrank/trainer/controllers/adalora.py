@@ -13,7 +13,7 @@ The orthogonal regulariser acts through the rank layer's backward (rank_layer._O
 import torch
 
 from ..backends import full_values_and_grads
-from ..rank_layer import RankLoraLinear
+from ..rank_layer import RankLoraLinear, set_masks
 from .base import RankController
 
 
@@ -38,8 +38,10 @@ class AdaLoRAController(RankController):
         self.init_budget = sum(layer.r[adapter] for layer in layers.values())
         self.target_budget = target_r * len(layers)
         self.step, self.budget = 0, self.init_budget
+        # Per parameter ("<module>:A|B|E"): views into two flat tensors that one update rewrites in a few operators.
         self.exp_avg_ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_unc: dict[str, torch.Tensor] = {}
+        self._flat: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # (keys, ipt EMA, uncertainty EMA)
         self.final = False  # the mask is fixed once the budget reaches its target
         # peft: orth_reg_weight · mean over all A and B matrices, added once per optimizer step.
         weight = orth_reg_weight / (2 * len(layers)) / gradient_accumulation_steps
@@ -65,22 +67,39 @@ class AdaLoRAController(RankController):
         named = self._params()
         full = full_values_and_grads([p for _, p in named])  # collective: every process, same order
         if self.step < self.total_step - self.tfinal:
-            for (key, _), (value, grad) in zip(named, full):
-                if grad is None:
-                    continue
-                ipt = (value.float() * grad.float()).abs().cpu()
-                avg = self.exp_avg_ipt.get(key, torch.zeros_like(ipt))
-                unc = self.exp_avg_unc.get(key, torch.zeros_like(ipt))
-                self.exp_avg_ipt[key] = self.beta1 * avg + (1 - self.beta1) * ipt
-                self.exp_avg_unc[key] = self.beta2 * unc + (1 - self.beta2) * (ipt - self.exp_avg_ipt[key]).abs()
+            self._update_importance([key for key, _ in named], full)
         self.budget, mask_now = budget_at(self.step, self.init_budget, self.target_budget, self.tinit, self.tfinal,
                                           self.total_step, self.delta_t)
         if mask_now and self.exp_avg_ipt:
             self._mask_to_budget(self.budget)
             self.final = self.step > self.total_step - self.tfinal
 
+    def _update_importance(self, keys: list[str], full: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """peft's RankAllocator.update_ipt, in the same operators (so the same roundings), on all parameters at once:
+        concatenated, a handful of operators per step instead of a dozen per tensor. A parameter without a
+        gradient in this step counts as importance 0 (peft has no such case: it would fail on it)."""
+        values = torch.cat([v.reshape(-1).float() for v, _ in full])
+        grads = torch.cat([(torch.zeros_like(v) if g is None else g).reshape(-1).float() for v, g in full])
+        ipt = values.mul_(grads).abs_()
+        if self._flat is None or self._flat[0] != keys:  # first update, or after load_state_dict
+            self._flat = (keys, *(self._flatten(ema, keys, full, ipt) for ema in (self.exp_avg_ipt, self.exp_avg_unc)))
+            sizes = [v.numel() for v, _ in full]
+            for ema, flat in zip((self.exp_avg_ipt, self.exp_avg_unc), self._flat[1:]):  # views, updated in place
+                ema.update(zip(keys, (part.view_as(v) for part, (v, _) in zip(flat.split(sizes), full))))
+        _, avg, unc = self._flat
+        avg.mul_(self.beta1).add_(ipt * (1 - self.beta1))  # avg ← β1·avg + (1 − β1)·ipt
+        unc.mul_(self.beta2).add_((ipt - avg).abs_().mul_(1 - self.beta2))  # unc ← β2·unc + (1 − β2)·|ipt − avg|
+
+    @staticmethod
+    def _flatten(ema: dict[str, torch.Tensor], keys: list[str], full, like: torch.Tensor) -> torch.Tensor:
+        """One flat EMA from per-parameter ones (zeros where a parameter has none yet), on the gradients' device."""
+        return torch.cat([ema[k].reshape(-1).to(like) if k in ema else torch.zeros(v.numel()).to(like)
+                          for k, (v, _) in zip(keys, full)])
+
     def _triplet_scores(self) -> dict[str, torch.Tensor]:
-        score = {k: self.exp_avg_ipt[k] * self.exp_avg_unc[k] for k in self.exp_avg_ipt}
+        keys = list(self.exp_avg_ipt)
+        score = dict(zip(keys, torch._foreach_mul([self.exp_avg_ipt[k] for k in keys],
+                                                  [self.exp_avg_unc[k] for k in keys])))
         return {name: score[f"{name}:E"] + score[f"{name}:A"].mean(dim=1) + score[f"{name}:B"].mean(dim=0)
                 for name in self.layers}
 
@@ -90,24 +109,26 @@ class AdaLoRAController(RankController):
         flat = torch.cat([scores[n] for n in names])
         keep = torch.zeros_like(flat)
         keep[torch.topk(flat, budget, sorted=False).indices] = 1  # exactly `budget` triplets survive
-        start = 0
-        for name in names:
-            r = scores[name].numel()
-            self.layers[name].set_mask(keep[start:start + r], self.adapter)
-            start += r
+        set_masks([self.layers[n] for n in names], keep.split([scores[n].numel() for n in names]), self.adapter)
 
     def log_metrics(self) -> dict[str, float]:
-        orth = [getattr(l, "orthogonality_value", 0.0) for l in self.layers.values()]
+        orth = [float(getattr(l, "orthogonality_value", 0.0)) for l in self.layers.values()]  # set in backward
         return {"adalora/budget": float(self.budget), "adalora/active_rank": float(self.active_rank()),
                 "adalora/orthogonality": sum(orth) / max(len(orth), 1)}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "budget": self.budget, "final": self.final,
-                "exp_avg_ipt": self.exp_avg_ipt, "exp_avg_unc": self.exp_avg_unc,
+                "exp_avg_ipt": _on_cpu(self.exp_avg_ipt), "exp_avg_unc": _on_cpu(self.exp_avg_unc),
                 "masks": {n: l.lora_rank_mask[self.adapter].detach().cpu().clone() for n, l in self.layers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.budget, self.final = state["step"], state["budget"], state["final"]
-        self.exp_avg_ipt, self.exp_avg_unc = state["exp_avg_ipt"], state["exp_avg_unc"]
+        # Copies: the EMAs are updated in place; flattened onto the gradients' device at their next update.
+        self.exp_avg_ipt, self.exp_avg_unc = _on_cpu(state["exp_avg_ipt"]), _on_cpu(state["exp_avg_unc"])
+        self._flat = None
         for name, mask in state["masks"].items():
             self.layers[name].set_mask(mask, self.adapter)
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}

@@ -107,22 +107,30 @@ class SoRAController(RankController):
         # ZeRO steps one param group per optimizer.step() call: the gate group is empty in all calls but one.
         gates = list(self._gate_tensors(optimizer))
         self.hook_calls += bool(gates)
-        for _, p, grad in gates:
-            if grad is not None:
-                grad.add_(torch.sign(p), alpha=self.sparse_lambda / self.num_gates)
+        with_grad = [(p, grad) for _, p, grad in gates if grad is not None]
+        if with_grad:  # one foreach call over all gates rather than two operators per module
+            torch._foreach_add_([g for _, g in with_grad], torch._foreach_sign([p for p, _ in with_grad]),
+                                alpha=self.sparse_lambda / self.num_gates)
 
     @torch.no_grad()
     def _prox(self, optimizer) -> None:
         xi = self.threshold()
         if xi <= 0:
             return
+        by_group: dict[int, tuple[dict, list[torch.Tensor]]] = {}
         for group, p, _ in self._gate_tensors(optimizer):
+            by_group.setdefault(id(group), (group, []))[1].append(p)
+        for group, tensors in by_group.values():
+            # Elementwise, so applied once to the group's gates concatenated (the same values as gate by gate).
+            p = torch.cat([t.reshape(-1) for t in tensors])
             if self.prox == "textbook":
-                p.copy_(torch.sign(p) * torch.clamp(p.abs() - group["lr"] * xi, min=0))
+                p = torch.sign(p) * torch.clamp(p.abs() - group["lr"] * xi, min=0)
             else:  # the original repository's sequence, in place
                 p[p > xi] -= xi
                 p[p < -xi] += xi
                 p[p.abs() < xi] = 0
+            parts = p.split([t.numel() for t in tensors])
+            torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(parts, tensors)])
 
     # -- controller interface -------------------------------------------------------------------------------
     def before_pass(self, step: int, pass_index: int) -> None:
