@@ -12,10 +12,10 @@ With "profile": N in the spec, the run goes under torch.profiler and the N costl
 are written to <out>.profile.txt (how the overhead notes in bench/README.md were made).
 
 With "sides": [{side, method, data, packing}, ...] the sides share this one process (single backend): each is
-built in turn, then they train one optimizer step each in turn, A B C A B C ... (Turns), so that machine noise and
-drift fall on every side alike and round k's steps ran seconds apart. Timings go to <out>.shared.json. This is how
-small differences (a controller's few percent over LoRA) are measured: between processes, step times on this
-2-core machine differ by 5-15% with nothing else running.
+built in turn, then they train one optimizer step each in turn, A B C B C A C A B ... (Turns), so that machine
+noise and drift fall on every side alike and round k's steps ran seconds apart. Timings go to <out>.shared.json.
+This is how small differences (a controller's few percent over LoRA) are measured: between processes, step times
+on this 2-core machine differ by 5-15% with nothing else running.
 """
 
 import json
@@ -144,10 +144,17 @@ def build(spec: dict, cfg, clock: StepClock):
 
 
 class Turns:
-    """One optimizer step each, in turn, for trainers sharing this process; a finished side is skipped."""
+    """One optimizer step each, in turn, for trainers sharing this process; a finished side is skipped. Each round
+    starts one side later than the one before (A B C, B C A, C A B, ...), so no side always runs first or right
+    after the same neighbour."""
 
     def __init__(self, sides: int):
         self.cond, self.current, self.done = threading.Condition(), 0, [False] * sides
+        self.round, self.position = 0, 0  # the round being run, and the current side's place in its order
+
+    def order(self) -> list[int]:
+        sides = len(self.done)
+        return [(self.round + k) % sides for k in range(sides)]
 
     def wait(self, index: int) -> None:
         with self.cond:
@@ -156,9 +163,14 @@ class Turns:
     def hand_over(self, index: int, finished: bool = False) -> None:
         with self.cond:
             self.done[index] = self.done[index] or finished
-            sides = len(self.done)
-            following = [(index + k) % sides for k in range(1, sides + 1)]
-            self.current = next((i for i in following if not self.done[i]), self.current)
+            if not all(self.done):
+                while True:  # the next side that has not finished, in this round's order or the next round's
+                    self.position += 1
+                    if self.position == len(self.done):
+                        self.round, self.position = self.round + 1, 0
+                    if not self.done[self.order()[self.position]]:
+                        break
+                self.current = self.order()[self.position]
             self.cond.notify_all()
 
 

@@ -74,7 +74,8 @@ def test_run_writes_json_and_table_from_a_measured_run(tiny_llama_dir, tmp_path)
 
 
 def test_turns_alternate_steps_and_skip_finished_sides():
-    """measure.py's Turns: one step per side in turn (A B C A B C ...); a side that finished is skipped."""
+    """measure.py's Turns: one step per side in turn, each round starting one side later (A B C, B C A, C A B);
+    a side that finished is skipped."""
     import threading
 
     from measure import Turns
@@ -90,12 +91,13 @@ def test_turns_alternate_steps_and_skip_finished_sides():
             log.append(index)
         turns.hand_over(index, finished=True)
 
-    threads = [threading.Thread(target=side, args=(i, n)) for i, n in enumerate((3, 1, 2))]
+    threads = [threading.Thread(target=side, args=(i, n)) for i, n in enumerate((4, 1, 3))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert log == [0, 1, 2, 0, 2, 0]
+    # rounds: 0 1 2 | (1 finished) 2 0 | 2 0 | 0
+    assert log == [0, 1, 2, 2, 0, 2, 0, 0]
 
 
 def test_update_readme_replaces_only_the_table(tmp_path):

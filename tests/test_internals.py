@@ -37,6 +37,15 @@ def test_a_changed_internal_is_reported_with_the_dependency_version(monkeypatch)
     assert len(problems) == 1 and problems[0].startswith(f"peft {version('peft')}: LoraConfig._register_custom_module")
 
 
+def test_a_missing_torch_foreach_operator_is_reported(monkeypatch):
+    import torch
+    from importlib.metadata import version
+
+    monkeypatch.delattr(torch, "_foreach_sign")
+    problems = backends.private_api_problems()
+    assert len(problems) == 1 and problems[0].startswith(f"torch {version('torch')}: torch._foreach_add_, ")
+
+
 def _sources():
     return sorted(PACKAGE.rglob("*.py"))
 

@@ -171,6 +171,21 @@ def link_zero12_optimizer_state(zero) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
+# torch's multi-tensor ("foreach") operators, which torch.optim uses to update many small tensors in one call: a
+# controller acting on every adapted module each step would otherwise issue a few operators per module.
+FOREACH_OPS = ("_foreach_add_", "_foreach_sign", "_foreach_copy_")
+
+
+def foreach_add_sign_(targets: list[torch.Tensor], values: list[torch.Tensor], alpha: float) -> None:
+    """targets[i] += alpha · sign(values[i]), for every i at once."""
+    torch._foreach_add_(targets, torch._foreach_sign(values), alpha=alpha)
+
+
+def foreach_copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """targets[i].copy_(sources[i]), for every i at once."""
+    torch._foreach_copy_(targets, sources)
+
+
 def private_api_problems() -> list[str]:
     """One line per private or undocumented accelerate / DeepSpeed internal used above that is not as this module
     expects in the installed versions (empty when all are). Source checks are deliberate: these internals have no
@@ -213,4 +228,6 @@ def private_api_problems() -> list[str]:
         "link_zero12_optimizer_state")
     expect("deepspeed", "_hp_mapping" in source(mixed_precision_linkage),
            "ZeRO-1/2 parameters carry _hp_mapping", "full_values_and_grads")
+    expect("torch", all(callable(getattr(torch, op, None)) for op in FOREACH_OPS),
+           f"torch.{', torch.'.join(FOREACH_OPS)} are multi-tensor operators", "foreach_add_sign_, foreach_copy_")
     return problems

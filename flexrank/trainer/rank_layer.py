@@ -20,6 +20,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from .backends import foreach_copy_
+
 
 class _OrthogonalityGradient(torch.autograd.Function):
     """Identity on the layer's output; its backward adds w · ∂(‖AAᵀ − I‖_F + ‖BᵀB − I‖_F)/∂(A, B) to the
@@ -40,7 +42,7 @@ class _OrthogonalityGradient(torch.autograd.Function):
         minus_eye = _minus_eye(a.shape[0], a.device)
         m_a = torch.addmm(minus_eye, a, a.T)  # A Aᵀ − I
         m_b = torch.addmm(minus_eye, b.T, b)  # Bᵀ B − I
-        norm_a, norm_b = torch._foreach_norm([m_a, m_b])
+        norm_a, norm_b = m_a.norm(), m_b.norm()
         ctx.holder.orthogonality_value = (norm_a + norm_b).detach()
         # d‖M‖_F = ⟨M, dM⟩ / ‖M‖_F with M symmetric: ∂/∂A = 2 M A / ‖M‖_F, ∂/∂B = 2 B M / ‖M‖_F
         grad_a = (m_a @ a).mul_(2 * ctx.weight / norm_a.clamp_min(1e-12))
@@ -162,7 +164,7 @@ def register_rank_layer(config: LoraConfig) -> LoraConfig:
 def set_masks(layers: list[RankLoraLinear], masks: list[torch.Tensor], adapter: str = "default") -> None:
     """RankLoraLinear.set_mask for many layers in one foreach copy (a controller may re-mask every module each step)."""
     buffers = [layer.lora_rank_mask[adapter] for layer in layers]
-    torch._foreach_copy_(buffers, [m.to(device=b.device, dtype=b.dtype) for m, b in zip(masks, buffers)])
+    foreach_copy_(buffers, [m.to(device=b.device, dtype=b.dtype) for m, b in zip(masks, buffers)])
     for layer in layers:
         layer.mask_generation += 1
 

@@ -97,9 +97,7 @@ class AdaLoRAController(RankController):
                           for k, (v, _) in zip(keys, full)])
 
     def _triplet_scores(self) -> dict[str, torch.Tensor]:
-        keys = list(self.exp_avg_ipt)
-        score = dict(zip(keys, torch._foreach_mul([self.exp_avg_ipt[k] for k in keys],
-                                                  [self.exp_avg_unc[k] for k in keys])))
+        score = {k: self.exp_avg_ipt[k] * self.exp_avg_unc[k] for k in self.exp_avg_ipt}
         return {name: score[f"{name}:E"] + score[f"{name}:A"].mean(dim=1) + score[f"{name}:B"].mean(dim=0)
                 for name in self.layers}
 

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from ..backends import gathered
+from ..backends import foreach_add_sign_, foreach_copy_, gathered
 from ..rank_layer import RankLoraLinear
 from .base import RankController
 
@@ -109,8 +109,7 @@ class SoRAController(RankController):
         self.hook_calls += bool(gates)
         with_grad = [(p, grad) for _, p, grad in gates if grad is not None]
         if with_grad:  # one foreach call over all gates rather than two operators per module
-            torch._foreach_add_([g for _, g in with_grad], torch._foreach_sign([p for p, _ in with_grad]),
-                                alpha=self.sparse_lambda / self.num_gates)
+            foreach_add_sign_([g for _, g in with_grad], [p for p, _ in with_grad], self.sparse_lambda / self.num_gates)
 
     @torch.no_grad()
     def _prox(self, optimizer) -> None:
@@ -130,7 +129,7 @@ class SoRAController(RankController):
                 p[p < -xi] += xi
                 p[p.abs() < xi] = 0
             parts = p.split([t.numel() for t in tensors])
-            torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(parts, tensors)])
+            foreach_copy_(tensors, [part.view_as(t) for part, t in zip(parts, tensors)])
 
     # -- controller interface -------------------------------------------------------------------------------
     def before_pass(self, step: int, pass_index: int) -> None:
