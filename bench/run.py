@@ -50,7 +50,7 @@ DIST_BACKENDS = ("ddp", "zero3", "fsdp2")
 # What flexrank does not run on a sharded backend (config.py refuses it): nncf's hooks need whole weights.
 UNSHARDABLE = {"nncf_int4": ("zero3", "fsdp2")}
 CONTROLLERS = ("elastic", "adalora", "sora")  # overhead target: <= 3% step time over flexrank LoRA
-EVAL_BENCH = HERE / "eval_time.py"  # i11b's 1-vs-2-process evaluation bench; run with --eval when present
+EVAL_BENCH = HERE / "eval_time.py"  # evaluation on 1 vs 2 processes, run with --eval
 README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 
