@@ -36,6 +36,7 @@ import stock  # noqa: E402
 
 from flexrank.launcher.launch import exit_distributed, in_launched_process  # noqa: E402
 from flexrank.trainer import data as data_lib  # noqa: E402
+from flexrank.trainer.atomic import write_atomic  # noqa: E402
 from flexrank.trainer.backends import apply_cpu_shims, zero3_init_as_configured  # noqa: E402
 from flexrank.trainer.config import load_config  # noqa: E402
 from flexrank.trainer.flex_trainer import FlexTrainer  # noqa: E402
@@ -208,12 +209,6 @@ def result_of(spec: dict, clock: StepClock, collator: CountingCollator) -> dict:
     }
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def main(spec: dict) -> None:
     apply_cpu_shims()  # both sides: without it accelerate runs no real multi-process backend on a CPU machine
     if "sides" in spec:
@@ -231,7 +226,8 @@ def main(spec: dict) -> None:
             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(spec["profile"])))
     else:
         trainer.train()
-    write_json(Path(f"{spec['out']}.rank{int(os.environ.get('RANK', 0))}.json"), result_of(spec, clock, collator))
+    rank = int(os.environ.get("RANK", 0))
+    write_atomic(f"{spec['out']}.rank{rank}.json", json.dumps(result_of(spec, clock, collator)))
 
 
 def main_shared(spec: dict) -> None:
@@ -262,7 +258,7 @@ def main_shared(spec: dict) -> None:
     out = {}
     for index, (side_spec, _, clock, collator) in enumerate(sides):
         out[index] = {"error": errors[index]} if index in errors else result_of(side_spec, clock, collator)
-    write_json(Path(f"{spec['out']}.shared.json"), {"sides": [out[i] for i in range(len(sides))]})
+    write_atomic(f"{spec['out']}.shared.json", json.dumps({"sides": [out[i] for i in range(len(sides))]}))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from measure import METHODS  # noqa: E402
 from stock import STOCK_METHODS  # noqa: E402
 
 from flexrank.launcher.launch import free_port, launch_command  # noqa: E402
+from flexrank.trainer.atomic import write_atomic  # noqa: E402
 
 DIST_BACKENDS = ("ddp", "zero3", "fsdp2")
 # What flexrank does not run on a sharded backend (config.py refuses it): nncf's hooks need whole weights.
@@ -252,13 +253,6 @@ def table(comps: list[Comparison], runs: dict[str, list[dict]], shared: dict[str
                      f"{med(c, c.a.key, 'useful_tokens_per_s')} | {med(c, c.b.key, 'useful_tokens_per_s')} | "
                      f"{med(c, c.a.key, 'peak_memory_bytes', 2**20)} | {med(c, c.b.key, 'peak_memory_bytes', 2**20)} |")
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def update_readme(readme: Path, block: str) -> None:

@@ -137,9 +137,7 @@ class RankLoraLinear(LoraLinear):
         return self.lora_gate[adapter] * self.lora_rank_mask[adapter]
 
     def set_mask(self, mask: torch.Tensor, adapter: str = "default") -> None:
-        buf = self.lora_rank_mask[adapter]
-        buf.copy_(mask.to(device=buf.device, dtype=buf.dtype))
-        self.mask_generation += 1
+        set_masks([self], [mask], adapter)
 
     def set_width(self, width: int, adapter: str = "default") -> None:
         """Prefix mask: the first `width` ranks are active (elastic supernets are nested)."""

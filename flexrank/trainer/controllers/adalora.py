@@ -93,7 +93,7 @@ class AdaLoRAController(RankController):
     @staticmethod
     def _flatten(ema: dict[str, torch.Tensor], keys: list[str], full, like: torch.Tensor) -> torch.Tensor:
         """One flat EMA from per-parameter ones (zeros where a parameter has none yet), on the gradients' device."""
-        return torch.cat([ema[k].reshape(-1).to(like) if k in ema else torch.zeros(v.numel()).to(like)
+        return torch.cat([ema[k].reshape(-1).to(like) if k in ema else like.new_zeros(v.numel())
                           for k, (v, _) in zip(keys, full)])
 
     def _triplet_scores(self) -> dict[str, torch.Tensor]:
