@@ -11,10 +11,10 @@ import shutil
 import time
 from pathlib import Path
 
-from flexrank.trainer import portable_state
-from flexrank.trainer.config import load_config
-from flexrank.trainer.flex_trainer import FlexTrainer
-from flexrank.trainer.run import train
+from flexrank.checkpoints import portable_state
+from flexrank.config import load_config
+from flexrank.training.trainer import FlexTrainer
+from flexrank.run import train
 
 
 def timed(owner, name, seconds: list):

@@ -7,7 +7,7 @@ import csv
 import random
 import zipfile
 
-from flexrank.trainer import corpora
+from flexrank.data import corpora
 
 LEE = "gensim/test/test_data/lee_background.cor"
 

@@ -23,11 +23,11 @@ LABELS = ["sports", "business", "technology", "politics"]
 
 def _model(name: str) -> str:
     if name == "smollm2":
-        from flexrank.trainer.assets import smollm2_dir
+        from flexrank.models.assets import smollm2_dir
 
         return str(smollm2_dir())
     if name == "tiny":
-        from flexrank.trainer.cache import cache_dir
+        from flexrank.cache import cache_dir
 
         path = cache_dir("test-models") / "tiny-llama"
         if not (path / "config.json").exists():

@@ -31,8 +31,8 @@ ROWS = [
 def model_config(name: str):
     from transformers import AutoConfig
 
-    from flexrank.trainer.config import load_config
-    from flexrank.trainer.modeling import _model_path
+    from flexrank.config import load_config
+    from flexrank.models.loading import _model_path
 
     return AutoConfig.from_pretrained(_model_path(load_config(raw={"model": {"name_or_path": name}}).model))
 

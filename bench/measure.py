@@ -35,13 +35,13 @@ import corpus  # noqa: E402  (bench/ is not a package)
 import stock  # noqa: E402
 
 from flexrank.launcher.launch import exit_distributed, in_launched_process  # noqa: E402
-from flexrank.trainer import data as data_lib  # noqa: E402
-from flexrank.trainer.atomic import write_atomic  # noqa: E402
-from flexrank.trainer.backends import apply_cpu_shims, zero3_init_as_configured  # noqa: E402
-from flexrank.trainer.config import load_config  # noqa: E402
-from flexrank.trainer.flex_trainer import FlexTrainer  # noqa: E402
-from flexrank.trainer.modeling import apply_adapter, load_base_model, load_tokenizer  # noqa: E402
-from flexrank.trainer.run import build_controller, load_data, tokenize, tokenize_train, training_arguments  # noqa: E402
+from flexrank.data import records as data_lib  # noqa: E402
+from flexrank.io import write_atomic  # noqa: E402
+from flexrank.distributed.backends import apply_cpu_shims, zero3_init_as_configured  # noqa: E402
+from flexrank.config import load_config  # noqa: E402
+from flexrank.training.trainer import FlexTrainer  # noqa: E402
+from flexrank.models.loading import apply_adapter, load_base_model, load_tokenizer  # noqa: E402
+from flexrank.run import build_controller, load_data, tokenize, tokenize_train, training_arguments  # noqa: E402
 
 # Adapter settings per method (flexrank recipe form; stock.py writes the same ones in peft's form). r=8, all linear
 # layers everywhere, so that the controllers' overhead is measured on the same adapter shapes as plain LoRA.
@@ -131,7 +131,7 @@ def build(spec: dict, cfg, clock: StepClock):
         model = load_base_model(cfg.model, tokenizer, log=lambda *_: None)
     steps_per_epoch = max(1, len(dataset) // (spec["batch"] * int(os.environ.get("WORLD_SIZE", 1))))
     if spec["method"] == "nncf_int4":
-        from flexrank.trainer import quant_nncf
+        from flexrank.adapters import nncf as quant_nncf
 
         sample = data_lib.make_collator(tokenizer, False)([dataset[0]])
         model = quant_nncf.compress(model, cfg, sample)

@@ -40,8 +40,8 @@ def train(recipe: str, out: Path, overrides: list[str], args) -> dict:
 
 def qlora_bytes(out: Path) -> int:
     """The QLoRA model on disk: the NF4 base as transformers saves it, plus the adapter."""
-    from flexrank.trainer.config import load_config
-    from flexrank.trainer.modeling import load_base_model, load_tokenizer
+    from flexrank.config import load_config
+    from flexrank.models.loading import load_base_model, load_tokenizer
 
     cfg = load_config(out / "config.yaml")
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ from measure import METHODS  # noqa: E402
 from stock import STOCK_METHODS  # noqa: E402
 
 from flexrank.launcher.launch import free_port, launch_command  # noqa: E402
-from flexrank.trainer.atomic import write_atomic  # noqa: E402
+from flexrank.io import write_atomic  # noqa: E402
 
 DIST_BACKENDS = ("ddp", "zero3", "fsdp2")
 # What flexrank does not run on a sharded backend (config.py refuses it): nncf's hooks need whole weights.

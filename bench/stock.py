@@ -7,7 +7,7 @@ from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kb
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments)
 
-from flexrank.trainer.modeling import _model_path
+from flexrank.models.loading import _model_path
 
 STOCK_METHODS = ("lora", "dora", "qlora", "adalora")  # the others have no stock peft equivalent
 

@@ -8,7 +8,7 @@ One source: the repository's top-level `accelerate_configs/`, `ds_configs/`, `re
 from importlib.resources import files
 from pathlib import Path
 
-from .trainer.errors import ConfigError
+from .errors import ConfigError
 
 ACCELERATE_CONFIGS, DS_CONFIGS, RECIPES, SLURM = "accelerate_configs", "ds_configs", "recipes", "slurm"
 

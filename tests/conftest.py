@@ -32,8 +32,8 @@ def tiny_llama_dir():
     """A random 2-layer Llama with SmolLM2's real tokenizer and chat template, saved once in the cache."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from flexrank.trainer.assets import smollm2_dir
-    from flexrank.trainer.cache import cache_dir
+    from flexrank.models.assets import smollm2_dir
+    from flexrank.cache import cache_dir
 
     out = cache_dir("test-models") / "tiny-llama"
     if not (out / "config.json").exists():

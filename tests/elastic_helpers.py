@@ -3,9 +3,9 @@
 import torch
 from peft import LoraConfig, get_peft_model
 
-from flexrank.trainer.controllers import ElasticController
-from flexrank.trainer.rank_layer import rank_layers, register_rank_layer
-from flexrank.trainer.search_space import space_from_spec
+from flexrank.controllers import ElasticController
+from flexrank.adapters.rank_layer import rank_layers, register_rank_layer
+from flexrank.elastic.search_space import space_from_spec
 
 SHEARS_SPEC = {"groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]], "widths": [8, 6, 4]}
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from flexrank.trainer.controllers import AdaLoRAController
-from flexrank.trainer.export import export_plain_adapter
-from flexrank.trainer.rank_layer import _OrthogonalityGradient, rank_layers, register_rank_layer
+from flexrank.controllers import AdaLoRAController
+from flexrank.adapters.export import export_plain_adapter
+from flexrank.adapters.rank_layer import _OrthogonalityGradient, rank_layers, register_rank_layer
 
 
 def adalora_model(model, **kwargs):

@@ -15,11 +15,11 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from flexrank.trainer.elastic.base_masks import BaseMasks, find_base_targets
-from flexrank.trainer.elastic.base_shape import LayerWidths
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.rank_layer import rank_layers, register_rank_layer
-from flexrank.trainer.search_space import base_groups_from_spec, space_from_nncf, space_from_spec
+from flexrank.elastic.base_masks import BaseMasks, find_base_targets
+from flexrank.elastic.base_shape import LayerWidths
+from flexrank.errors import ConfigError
+from flexrank.adapters.rank_layer import rank_layers, register_rank_layer
+from flexrank.elastic.search_space import base_groups_from_spec, space_from_nncf, space_from_spec
 
 LAYER = "base_model.model.model.layers.{}"
 

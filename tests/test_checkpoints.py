@@ -6,10 +6,10 @@ from elastic_helpers import ProgressionData, elastic_supernet
 from transformers import LlamaForCausalLM, TrainingArguments
 
 from conftest import tiny_llama_config
-from flexrank.trainer import checkpoints
-from flexrank.trainer.controllers import AdaLoRAController, SoRAController
-from flexrank.trainer.flex_trainer import STATE_FILE, FlexTrainer
-from flexrank.trainer.rank_layer import rank_layers
+from flexrank.checkpoints import manifest as checkpoints
+from flexrank.controllers import AdaLoRAController, SoRAController
+from flexrank.training.trainer import STATE_FILE, FlexTrainer
+from flexrank.adapters.rank_layer import rank_layers
 
 
 def fake_checkpoint(run_dir, step, complete=True):

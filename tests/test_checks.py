@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flexrank.trainer.checks import check_recipe
-from flexrank.trainer.config import load_config
-from flexrank.trainer.errors import ConfigError, ConfigErrors
+from flexrank.checks import check_recipe
+from flexrank.config import load_config
+from flexrank.errors import ConfigError, ConfigErrors
 
 ROOT = Path(__file__).resolve().parents[1]
 NNCF = ROOT / "recipes" / "nncf_shears_smollm2.json"

@@ -13,10 +13,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import tiny_llama_config
-from flexrank.trainer.elastic.base_shape import LayerWidths
-from flexrank.trainer.elastic.compact import export_compact
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.rank_layer import rank_layers, register_rank_layer
+from flexrank.elastic.base_shape import LayerWidths
+from flexrank.elastic.compact import export_compact
+from flexrank.errors import ConfigError
+from flexrank.adapters.rank_layer import rank_layers, register_rank_layer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -138,8 +138,8 @@ def test_cli_exports_a_trained_runs_subnet_compact(tiny_llama_dir, tmp_path):
     import sys
 
     from dist_helpers import recipe
-    from flexrank.trainer.config import load_config
-    from flexrank.trainer.run import load_run, train
+    from flexrank.config import load_config
+    from flexrank.run import load_run, train
 
     run = tmp_path / "run"
     metrics = train(load_config(recipe(tmp_path, tiny_llama_dir, "elastic", max_steps=2),

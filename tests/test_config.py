@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from flexrank.trainer.config import load_config
-from flexrank.trainer.errors import ConfigError
+from flexrank.config import load_config
+from flexrank.errors import ConfigError
 
 BAD = [
     ({"adapter": {"rank": 8}}, ["adapter.rank", "unknown key", "'r'"]),

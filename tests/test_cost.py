@@ -6,10 +6,10 @@ from accelerate import init_empty_weights
 from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_llama_config
-from flexrank.trainer.elastic.base_shape import LayerWidths
-from flexrank.trainer.elastic.cost import CostModel, SubnetShape, base_overrides, human, size_report, subnet_cost
-from flexrank.trainer.rank_layer import register_rank_layer
-from flexrank.trainer.search_space import space_from_spec
+from flexrank.elastic.base_shape import LayerWidths
+from flexrank.elastic.cost import CostModel, SubnetShape, base_overrides, human, size_report, subnet_cost
+from flexrank.adapters.rank_layer import register_rank_layer
+from flexrank.elastic.search_space import space_from_spec
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "down_proj"]
 

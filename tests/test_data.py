@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from flexrank.trainer.cache import cache_dir
-from flexrank.trainer.data import (
+from flexrank.cache import cache_dir
+from flexrank.data.records import (
     IGNORE_INDEX,
     TokenizedDataset,
     encode_chat_text,
@@ -24,9 +24,9 @@ from flexrank.trainer.data import (
     make_collator,
     tokenize_record,
 )
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.evaluation import evaluate_generation, evaluate_loss, exact_match
-from flexrank.trainer.tasks import ANALOGY_INSTRUCTION, analogy_split, get_task, polarity_split
+from flexrank.errors import ConfigError
+from flexrank.evaluation.scoring import evaluate_generation, evaluate_loss, exact_match
+from flexrank.data.tasks import ANALOGY_INSTRUCTION, analogy_split, get_task, polarity_split
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 END = "<|im_end|>"

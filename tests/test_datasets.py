@@ -12,13 +12,13 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from flexrank.trainer import data as data_lib
-from flexrank.trainer.checks import check_data
-from flexrank.trainer.config import load_config
-from flexrank.trainer.data import IGNORE_INDEX, encode_chat_text, generation_prompt, tokenize_with_status
-from flexrank.trainer.data_pipeline import load_data, tokenize_train
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.run import train
+from flexrank.data import records as data_lib
+from flexrank.checks import check_data
+from flexrank.config import load_config
+from flexrank.data.records import IGNORE_INDEX, encode_chat_text, generation_prompt, tokenize_with_status
+from flexrank.data.pipeline import load_data, tokenize_train
+from flexrank.errors import ConfigError
+from flexrank.run import train
 
 QUICK = {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1,
          "warmup_steps": 0, "report_to": []}

@@ -122,7 +122,7 @@ def test_sandwich_rule_in_a_training_run(tiny_llama, tmp_path):
     from elastic_helpers import ProgressionData
     from transformers import TrainingArguments
 
-    from flexrank.trainer.flex_trainer import FlexTrainer
+    from flexrank.training.trainer import FlexTrainer
 
     model, ctrl = elastic_supernet(tiny_llama, sandwich=True)
     _, plain = elastic_supernet(copy.deepcopy(tiny_llama))  # what the third pass must be

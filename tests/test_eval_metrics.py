@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from flexrank import log_filters
-from flexrank.trainer.config import load_config
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.eval_metrics import evaluate_task, label_set, resolve
-from flexrank.trainer.evaluation import choose_answers
+from flexrank.config import load_config
+from flexrank.errors import ConfigError
+from flexrank.evaluation.metrics import evaluate_task, label_set, resolve
+from flexrank.evaluation.scoring import choose_answers
 
 LABELS = ["yes", "no", "maybe so"]  # answers of different token lengths: padding must not count
 RECORDS = [{"instruction": "Is it raining?", "input": f"Case {i}: the sky is {s}.", "output": LABELS[i % 3]}

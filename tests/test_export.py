@@ -12,8 +12,8 @@ import pytest
 import torch
 from dist_helpers import recipe
 
-from flexrank.trainer.config import load_config
-from flexrank.trainer.run import load_run, train
+from flexrank.config import load_config
+from flexrank.run import load_run, train
 
 STOCK = Path(__file__).parent / "scripts" / "stock_peft_logits.py"
 IDS = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(5)).tolist()

@@ -13,8 +13,8 @@ import yaml
 from conftest import tiny_llama_config
 from dist_helpers import free_port, metrics, recipe
 
-from flexrank.trainer.config import load_config
-from flexrank.trainer.errors import ConfigError
+from flexrank.config import load_config
+from flexrank.errors import ConfigError
 
 MAIN, V1 = "a" * 8 + "0123456789abcdef" * 2, "b" * 8 + "fedcba9876543210" * 2  # commits (40 hex digits)
 REPO = "acme/tiny-llama"
@@ -81,8 +81,8 @@ def test_revision_tag_resolves_to_its_commit(hub_cache, tiny_llama_dir, tmp_path
     """In-process (huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE when imported: set its constants)."""
     from huggingface_hub import constants
 
-    from flexrank.trainer.hub import pin_hub_model
-    from flexrank.trainer.run import load_run, train
+    from flexrank.models.hub import pin_hub_model
+    from flexrank.run import load_run, train
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -120,7 +120,7 @@ def test_prepare_model_finds_the_cached_snapshot(hub_cache, tmp_path):
                                           ("./acme/tiny-llama", "local"), ("/models/llama", "local"),
                                           ("acme/tiny/llama", "local"), ("tiny-llama", "local")])
 def test_model_source(name, source):
-    from flexrank.trainer.assets import model_source
+    from flexrank.models.assets import model_source
 
     assert model_source(name) == source
 
@@ -151,7 +151,7 @@ def test_custom_model_code_runs_only_with_trust_remote_code(tiny_llama_dir, tmp_
     """A model whose model_type transformers does not know, with its own code (auto_map), as hub repos ship it."""
     import json
 
-    from flexrank.trainer.modeling import load_base_model, load_tokenizer
+    from flexrank.models.loading import load_base_model, load_tokenizer
 
     folder = tmp_path / "custom"
     shutil.copytree(tiny_llama_dir, folder)

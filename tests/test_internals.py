@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from peft import LoraConfig
 
-from flexrank.trainer import backends, rank_layer
+from flexrank.distributed import backends
+from flexrank.adapters import rank_layer
 
 PACKAGE = Path(backends.__file__).resolve().parents[1]
-ISOLATED = {PACKAGE / "trainer" / "backends.py", PACKAGE / "trainer" / "rank_layer.py"}
+ISOLATED = {PACKAGE / "distributed" / "backends.py", PACKAGE / "adapters" / "rank_layer.py"}
 DEPENDENCIES = {"transformers", "accelerate", "deepspeed", "peft"}
 STDLIB_PRIVATE = {"_exit"}  # os._exit: documented by Python
 

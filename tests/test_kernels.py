@@ -5,8 +5,8 @@ hold on a GPU machine too; the GPU file checks the choices where CUDA is really 
 
 import pytest
 
-from flexrank.trainer import kernels
-from flexrank.trainer.errors import ConfigError
+from flexrank.models import kernels
+from flexrank.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +44,8 @@ def test_liger_only_with_cuda():
 
 
 def test_model_loads_with_the_chosen_kernel(tiny_llama_dir):
-    from flexrank.trainer.config import load_config
-    from flexrank.trainer.modeling import load_base_model, load_tokenizer
+    from flexrank.config import load_config
+    from flexrank.models.loading import load_base_model, load_tokenizer
 
     cfg = load_config(raw={"model": {"name_or_path": str(tiny_llama_dir)}})
     lines = []

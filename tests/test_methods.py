@@ -5,8 +5,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from flexrank.trainer.config import load_config
-from flexrank.trainer.modeling import apply_adapter, load_base_model, load_tokenizer
+from flexrank.config import load_config
+from flexrank.models.loading import apply_adapter, load_base_model, load_tokenizer
 
 CASES = {
     "lora": {"method": "lora"},

@@ -21,9 +21,9 @@ from elastic_helpers import ProgressionData
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM, TrainingArguments
 
-from flexrank.trainer.controllers import SoRAController
-from flexrank.trainer.flex_trainer import FlexTrainer
-from flexrank.trainer.rank_layer import rank_layers, register_rank_layer
+from flexrank.controllers import SoRAController
+from flexrank.training.trainer import FlexTrainer
+from flexrank.adapters.rank_layer import rank_layers, register_rank_layer
 
 
 def offload_config(tmp, base: str) -> str:

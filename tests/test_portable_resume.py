@@ -16,8 +16,8 @@ import pytest
 import transformers
 from dist_helpers import assert_same_adapter, metrics, recipe, run, train_args
 
-from flexrank.trainer import checkpoints, portable_state
-from flexrank.trainer.errors import ConfigError
+from flexrank.checkpoints import manifest as checkpoints, portable_state
+from flexrank.errors import ConfigError
 
 SAVE = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}
 LOADED = "loaded the trainable state from"

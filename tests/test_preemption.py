@@ -13,8 +13,8 @@ import psutil
 import pytest
 from dist_helpers import assert_same_adapter, metrics, recipe, run, train_args
 
-from flexrank.trainer import checkpoints
-from flexrank.trainer.preemption import PREEMPTED_EXIT
+from flexrank.checkpoints import manifest as checkpoints
+from flexrank.checkpoints.preemption import PREEMPTED_EXIT
 
 # No periodic checkpoints: the only checkpoint is the one the signal asks for.
 STEPS = {"max_steps": 8, "save_strategy": "no"}

@@ -9,9 +9,10 @@ pytest.importorskip("nncf")
 
 from dist_helpers import metrics, recipe, run, train_args  # noqa: E402
 
-from flexrank.trainer import checkpoints, quant_nncf  # noqa: E402
-from flexrank.trainer.config import load_config  # noqa: E402
-from flexrank.trainer.errors import ConfigError  # noqa: E402
+from flexrank.checkpoints import manifest as checkpoints  # noqa: E402
+from flexrank.adapters import nncf as quant_nncf  # noqa: E402
+from flexrank.config import load_config  # noqa: E402
+from flexrank.errors import ConfigError  # noqa: E402
 
 NLS_SPACE = {"search_space": {"one_rank_per_layer": True, "widths": [8, 6, 4]}, "evaluate_subnets": []}
 
@@ -78,7 +79,7 @@ def test_nls_rank_follows_the_controllers_sampled_subnet(tiny_llama):
 def test_stripped_int4_model_reloads_with_the_fake_quantized_logits(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 
-    from flexrank.trainer.assets import smollm2_dir
+    from flexrank.models.assets import smollm2_dir
 
     cfg, model, controller = compressed(tiny_llama)
     torch.manual_seed(0)

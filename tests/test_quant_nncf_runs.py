@@ -12,9 +12,9 @@ pytest.importorskip("nncf")
 
 from dist_helpers import metrics, recipe, run, train_args  # noqa: E402
 
-from flexrank.trainer import quant_nncf  # noqa: E402
-from flexrank.trainer.config import load_config  # noqa: E402
-from flexrank.trainer.errors import ConfigError  # noqa: E402
+from flexrank.adapters import nncf as quant_nncf  # noqa: E402
+from flexrank.config import load_config  # noqa: E402
+from flexrank.errors import ConfigError  # noqa: E402
 
 GROUP = 32
 NLS = {"search_space": {"one_rank_per_layer": True, "widths": [8, 6, 4]}, "evaluate_subnets": ["heuristic"],

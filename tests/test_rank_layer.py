@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from flexrank.trainer.export import export_plain_adapter
-from flexrank.trainer.rank_layer import guard_recomputation, rank_layers, register_rank_layer
+from flexrank.adapters.export import export_plain_adapter
+from flexrank.adapters.rank_layer import guard_recomputation, rank_layers, register_rank_layer
 
 R, ALPHA = 8, 16
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from flexrank.trainer.config import load_config
+from flexrank.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from dist_helpers import assert_same_adapter, metrics, recipe, run, train_args
 
-from flexrank.trainer import checkpoints
+from flexrank.checkpoints import manifest as checkpoints
 
 CKPT = {"max_steps": 8, "save_strategy": "steps", "save_steps": 2}
 LONG = {"max_steps": 12, "save_strategy": "steps", "save_steps": 2}

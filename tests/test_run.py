@@ -12,9 +12,9 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from flexrank.trainer.config import load_config
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.run import load_run, train
+from flexrank.config import load_config
+from flexrank.errors import ConfigError
+from flexrank.run import load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1,
@@ -123,8 +123,8 @@ def test_minilm_polarity_classification_learns(tmp_path):
     # The reported accuracy, recomputed without flexrank's evaluation: stock peft, one text at a time.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from flexrank.trainer.assets import minilm_dir
-    from flexrank.trainer.run import load_data
+    from flexrank.models.assets import minilm_dir
+    from flexrank.run import load_data
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2),

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 from peft import LoraConfig, get_peft_model
 
-from flexrank.trainer.atomic import atomic_path, write_atomic
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.export import EXPORT_MARKER, export_plain_adapter
+from flexrank.io import atomic_path, write_atomic
+from flexrank.errors import ConfigError
+from flexrank.adapters.export import EXPORT_MARKER, export_plain_adapter
 
 
 def test_a_failed_write_leaves_the_previous_version(tmp_path):
@@ -56,7 +56,7 @@ def test_export_refuses_a_folder_it_did_not_write(tiny_llama, tmp_path):
 BUILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from flexrank.trainer.assets import build_once
+    from flexrank.models.assets import build_once
 
     out, log = Path(sys.argv[1]), Path(sys.argv[2])
     def build(folder):

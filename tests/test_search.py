@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama_config
 from dist_helpers import recipe, run, train_args
-from flexrank.trainer.elastic.cost import CostModel, LinearShape, SubnetShape
-from flexrank.trainer.elastic.nsga import NSGASettings, nsga2, pareto_front
-from flexrank.trainer.elastic.results import Row, select_best
-from flexrank.trainer.elastic.search import nls_candidates
-from flexrank.trainer.rank_layer import register_rank_layer
-from flexrank.trainer.search_space import space_from_spec
+from flexrank.elastic.cost import CostModel, LinearShape, SubnetShape
+from flexrank.elastic.nsga import NSGASettings, nsga2, pareto_front
+from flexrank.elastic.results import Row, select_best
+from flexrank.elastic.search import nls_candidates
+from flexrank.adapters.rank_layer import register_rank_layer
+from flexrank.elastic.search_space import space_from_spec
 
 L0, L1 = "base_model.model.model.layers.0", "base_model.model.model.layers.1"
 
@@ -180,7 +180,7 @@ def test_search_writes_its_outputs_and_the_chosen_subnet_exports(searched, tmp_p
 
 
 def test_an_interrupted_search_resumes_from_the_cache_without_re_evaluating(searched, tmp_path, monkeypatch):
-    from flexrank.trainer.elastic import search as search_mod
+    from flexrank.elastic import search as search_mod
 
     run_dir = _copy(searched, tmp_path / "run")
     calls = []

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.search_space import Group, SearchSpace, Stage, space_from_nncf, space_from_spec
+from flexrank.errors import ConfigError
+from flexrank.elastic.search_space import Group, SearchSpace, Stage, space_from_nncf, space_from_spec
 
 LAYERS = 4
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

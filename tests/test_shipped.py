@@ -6,8 +6,8 @@ from dist_helpers import ROOT
 
 from flexrank.launcher.launch import BACKENDS, launch_command
 from flexrank.shipped import find_recipe, find_shipped_json
-from flexrank.trainer.config import DistributedConfig
-from flexrank.trainer.errors import ConfigError
+from flexrank.config import DistributedConfig
+from flexrank.errors import ConfigError
 
 
 def test_recipe_names_resolve_to_the_shipped_files_from_any_folder(tmp_path, monkeypatch):

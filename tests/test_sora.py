@@ -7,10 +7,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from flexrank.trainer.controllers import SoRAController
-from flexrank.trainer.controllers.sora import PROX_GROUP, threshold_schedule
-from flexrank.trainer.export import export_plain_adapter
-from flexrank.trainer.rank_layer import rank_layers, register_rank_layer
+from flexrank.controllers import SoRAController
+from flexrank.controllers.sora import PROX_GROUP, threshold_schedule
+from flexrank.adapters.export import export_plain_adapter
+from flexrank.adapters.rank_layer import rank_layers, register_rank_layer
 
 
 def sora_model(model, **kwargs):

@@ -9,8 +9,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from flexrank.trainer.errors import ConfigError
-from flexrank.trainer.sparsity import sparse_merge, sparsity_of, wanda_prune
+from flexrank.errors import ConfigError
+from flexrank.adapters.sparsity import sparse_merge, sparsity_of, wanda_prune
 
 
 def _tiny_llama() -> LlamaForCausalLM:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..shipped import find_recipe
-from ..trainer.errors import ConfigError
+from ..errors import ConfigError
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -102,10 +102,10 @@ _LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "
 def _train(args) -> int:
     from .launch import exit_distributed, format_command, in_launched_process, launch_command
     from .signals import run_forwarding_signals
-    from ..trainer.checks import CHECKED_ENV, already_checked, check_recipe
-    from ..trainer.config import load_config
-    from ..trainer.hub import pin_hub_model
-    from ..trainer.preemption import PREEMPTED_EXIT, Preempted
+    from ..checks import CHECKED_ENV, already_checked, check_recipe
+    from ..config import load_config
+    from ..models.hub import pin_hub_model
+    from ..checkpoints.preemption import PREEMPTED_EXIT, Preempted
 
     overrides = args.overrides + [f"{key}={getattr(args, flag)}" for flag, key in _LAUNCH_FLAGS.items()
                                   if getattr(args, flag) is not None]
@@ -119,7 +119,7 @@ def _train(args) -> int:
         cmd, env = launch_command(dist, argv)
         print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
         return run_forwarding_signals(cmd, {**os.environ, **env, CHECKED_ENV: "1"}, Path(cfg.training["output_dir"]))
-    from ..trainer.run import train  # heavy: only once the recipe passed its checks
+    from ..run import train  # heavy: only once the recipe passed its checks
 
     status = 0
     try:
@@ -133,22 +133,22 @@ def _train(args) -> int:
 
 
 def _check(args) -> None:
-    from ..trainer.checks import check_recipe
-    from ..trainer.config import dump_config, load_config
+    from ..checks import check_recipe
+    from ..config import dump_config, load_config
 
     cfg = load_config(args.recipe, args.overrides)
     report = check_recipe(cfg)
     print(dump_config(cfg), end="")
     if report:  # YAML comments: stdout stays the resolved recipe
-        from ..trainer.elastic.cost import format_size_report
+        from ..elastic.cost import format_size_report
 
         print("# size, Linear layers counted as LoNAS/NNCF count them (params in x out, MACs per token in x out):")
         print("\n".join(f"#   {line}" for line in format_size_report(report).splitlines()))
 
 
 def _prepare(args) -> None:
-    from ..trainer.assets import minilm_dir, smollm2_dir
-    from ..trainer.hub import is_hub_id, snapshot
+    from ..models.assets import minilm_dir, smollm2_dir
+    from ..models.hub import is_hub_id, snapshot
 
     if args.revision and not args.model:
         raise ConfigError("--revision", args.revision, "only with --model ORG/NAME")
@@ -158,16 +158,16 @@ def _prepare(args) -> None:
         path, commit = snapshot(args.model, args.revision)
         print(f"[flexrank] ready: {args.model} commit {commit} in {path}")
         return
-    from ..trainer.corpora import analogies_file, polarity_file
+    from ..data.corpora import analogies_file, polarity_file
 
     for item in (smollm2_dir(), minilm_dir(), analogies_file(), polarity_file()):
         print(f"[flexrank] ready: {item}")
 
 
 def _export(args) -> None:
-    from ..trainer.controllers import ElasticController
-    from ..trainer.export import export_plain_adapter, refuse_foreign_folder, save_export
-    from ..trainer.run import load_run
+    from ..controllers import ElasticController
+    from ..adapters.export import export_plain_adapter, refuse_foreign_folder, save_export
+    from ..run import load_run
 
     if not (args.out or args.compact):
         raise ConfigError("--out", None, "--out DIR (plain adapter) and/or --compact DIR (smaller merged model)")
@@ -185,7 +185,7 @@ def _export(args) -> None:
         print(json.dumps({k: v for k, v in export_plain_adapter(peft_model, args.out).items()
                           if k != "rank_pattern"}))
     if args.compact:
-        from ..trainer.elastic.compact import export_compact
+        from ..elastic.compact import export_compact
 
         widths = controller.space.base_widths(controller.config) if isinstance(controller, ElasticController) else {}
         summary = export_compact(peft_model, widths, args.compact, merge=not args.keep_adapter, tokenizer=tokenizer)
@@ -193,7 +193,7 @@ def _export(args) -> None:
             {k: summary[k] for k in ("params", "adapter_params", "intermediate_size", "num_attention_heads",
                                      "num_key_value_heads", "merged")}))
     if args.merge_sparse:
-        from ..trainer.sparsity import sparse_merge, sparsity_of
+        from ..adapters.sparsity import sparse_merge, sparsity_of
 
         merged = sparse_merge(peft_model)
         sparsity = sparsity_of(merged)
@@ -203,11 +203,11 @@ def _export(args) -> None:
 
 def _export_nncf(args) -> bool:
     """An nncf run exports its INT4 model (an elastic QAT run: the chosen subnet absorbed); False for other runs."""
-    from ..trainer import quant_nncf
-    from ..trainer.config import load_config
-    from ..trainer.controllers import ElasticController
-    from ..trainer.export import save_export
-    from ..trainer.run import load_run
+    from ..adapters import nncf as quant_nncf
+    from ..config import load_config
+    from ..controllers import ElasticController
+    from ..adapters.export import save_export
+    from ..run import load_run
 
     method = quant_nncf.method_of(load_config(Path(args.run_dir) / "config.yaml"))
     if method is None:
@@ -230,9 +230,9 @@ def _export_nncf(args) -> bool:
 
 
 def _eval(args) -> None:
-    from ..trainer import data as data_lib
-    from ..trainer.controllers import ElasticController
-    from ..trainer.run import evaluate, load_data, load_run, tokenize
+    from ..data import records as data_lib
+    from ..controllers import ElasticController
+    from ..run import evaluate, load_data, load_run, tokenize
 
     cfg, tokenizer, peft_model, controller = load_run(args.run_dir)
     run_data = load_data(cfg)
@@ -260,8 +260,8 @@ def _slurm(args) -> int:
 
 def _search(args) -> int:
     from .launch import exit_distributed, format_command, free_port, in_launched_process, launch_command
-    from ..trainer.config import DistributedConfig
-    from ..trainer.elastic.search import load_search_config, search
+    from ..config import DistributedConfig
+    from ..elastic.search import load_search_config, search
 
     load_search_config(Path(args.run_dir), args.overrides)  # refuse bad input before starting any process
     if args.nproc and args.nproc > 1 and not in_launched_process():

@@ -1,5 +1,5 @@
 """Running the `accelerate launch` child so that SIGTERM/SIGUSR1 sent to `flexrank train` reach the training
-processes, which then checkpoint at a step boundary and stop (flexrank/trainer/preemption.py).
+processes, which then checkpoint at a step boundary and stop (flexrank/checkpoints/preemption.py).
 
 The signal goes to the workers themselves, not to accelerate's torchrun agent: torchrun starts each worker in
 a session of its own (so a signal to our process group misses them), treats SIGTERM as "kill the workers, SIGKILL
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psutil
 
-from ..trainer import checkpoints
-from ..trainer.preemption import PREEMPTED_EXIT, SIGNALS
+from ..checkpoints import manifest as checkpoints
+from ..checkpoints.preemption import PREEMPTED_EXIT, SIGNALS
 
 
 def _workers(agent: int) -> list[psutil.Process]:

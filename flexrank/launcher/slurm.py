@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..trainer.errors import ConfigError
+from ..errors import ConfigError
 from ..shipped import SLURM, shipped_file
 
 SWEEP_FILE = "sweep.txt"

@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(model_dir, **model):
-    from flexrank.trainer.config import load_config
+    from flexrank.config import load_config
 
     return load_config(raw={"model": {"name_or_path": str(model_dir), "dtype": "bfloat16", **model}})
 
 
 def test_auto_attention_is_flash_attention_and_matches_sdpa(tiny_llama_dir):
-    from flexrank.trainer import kernels
-    from flexrank.trainer.modeling import load_base_model, load_tokenizer
+    from flexrank.models import kernels
+    from flexrank.models.loading import load_base_model, load_tokenizer
 
     assert kernels.choose_attention("auto") == ("flash_attention_2", "auto: flash-attn on CUDA")
     cfg = _config(tiny_llama_dir)
@@ -43,7 +43,7 @@ def test_auto_attention_is_flash_attention_and_matches_sdpa(tiny_llama_dir):
 
 
 def test_liger_kernel_is_chosen_and_trains(tiny_llama_dir, tmp_path):
-    from flexrank.trainer import kernels
+    from flexrank.models import kernels
 
     assert kernels.choose_liger("auto") == (True, "auto: on (CUDA)")
     out = tmp_path / "run"

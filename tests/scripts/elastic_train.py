@@ -13,7 +13,7 @@ from conftest import tiny_llama_config  # noqa: E402
 from elastic_helpers import ProgressionData, elastic_supernet  # noqa: E402
 from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 
-from flexrank.trainer.flex_trainer import FlexTrainer  # noqa: E402
+from flexrank.training.trainer import FlexTrainer  # noqa: E402
 
 
 def main(out_dir: str) -> None:

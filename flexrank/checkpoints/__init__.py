@@ -1,0 +1,1 @@
+"""Checkpoint completion manifest and rotation, world-size-independent state, preemption."""

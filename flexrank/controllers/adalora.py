@@ -1,0 +1,132 @@
+"""AdaLoRA (Zhang et al. 2023) budget scheduling on the rank layer: ΔW = B · diag(E ⊙ m) · A · s.
+
+E is the learned gate (AdaLoRA's Λ, initialised to zero, with A and B random). Importance is computed from the
+real gradients of each optimizer step, once they are final (accumulated, averaged over processes, gathered from
+ZeRO partitions or FSDP2 shards): per element ipt = |p · ∇p|, its EMA (β1) and the EMA of its uncertainty
+|ipt − EMA| (β2); a triplet's score is s(E_i) + mean_j s(A_ij) + mean_k s(B_ki). A cubic schedule takes the
+budget from the initial total rank to target_r per module between tinit and total_step − tfinal, re-masking every
+deltaT steps; after that the mask stays fixed. The controller only writes the mask buffers, identically on every
+process; it never edits a parameter (peft zeroes E in place, which an optimizer's master copy undoes under ZeRO).
+The orthogonal regulariser acts through the rank layer's backward (rank_layer._OrthogonalityGradient).
+"""
+
+import torch
+
+from ..distributed.backends import full_values_and_grads
+from ..adapters.rank_layer import RankLoraLinear, set_masks
+from .base import RankController
+
+
+def budget_at(step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int,
+              delta_t: int) -> tuple[int, bool]:
+    """(budget, whether to re-mask at this step): AdaLoRA's cubic schedule, as in peft's RankAllocator."""
+    if step <= tinit:
+        return init_budget, False
+    if step > total_step - tfinal:
+        return target_budget, True
+    progress = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    return int((init_budget - target_budget) * progress ** 3 + target_budget), step % delta_t == 0
+
+
+class AdaLoRAController(RankController):
+    def __init__(self, layers: dict[str, RankLoraLinear], target_r: int, total_step: int, tinit: int = 0,
+                 tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85,
+                 orth_reg_weight: float = 0.5, gradient_accumulation_steps: int = 1, adapter: str = "default"):
+        super().__init__(layers, adapter)
+        self.target_r, self.total_step, self.tinit, self.tfinal, self.delta_t = target_r, total_step, tinit, tfinal, delta_t
+        self.beta1, self.beta2 = beta1, beta2
+        self.init_budget = sum(layer.r[adapter] for layer in layers.values())
+        self.target_budget = target_r * len(layers)
+        self.step, self.budget = 0, self.init_budget
+        # Per parameter ("<module>:A|B|E"): views into two flat tensors that one update rewrites in a few operators.
+        self.exp_avg_ipt: dict[str, torch.Tensor] = {}
+        self.exp_avg_unc: dict[str, torch.Tensor] = {}
+        self._flat: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # (keys, ipt EMA, uncertainty EMA)
+        self.final = False  # the mask is fixed once the budget reaches its target
+        # peft: orth_reg_weight · mean over all A and B matrices, added once per optimizer step.
+        weight = orth_reg_weight / (2 * len(layers)) / gradient_accumulation_steps
+        for layer in layers.values():
+            layer.lora_gate[adapter].requires_grad_(True)
+            layer.orthogonality_weight = weight
+
+    def _params(self) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for name, layer in self.layers.items():
+            out += [(f"{name}:A", layer.lora_A[self.adapter].weight), (f"{name}:B", layer.lora_B[self.adapter].weight),
+                    (f"{name}:E", layer.lora_gate[self.adapter])]
+        return out
+
+    def before_pass(self, step: int, pass_index: int) -> None:
+        self.step = step
+
+    @torch.no_grad()
+    def on_final_gradients(self) -> None:
+        """Importance from this step's gradients, then the mask for the budget of this step."""
+        if self.final:
+            return
+        named = self._params()
+        full = full_values_and_grads([p for _, p in named])  # collective: every process, same order
+        if self.step < self.total_step - self.tfinal:
+            self._update_importance([key for key, _ in named], full)
+        self.budget, mask_now = budget_at(self.step, self.init_budget, self.target_budget, self.tinit, self.tfinal,
+                                          self.total_step, self.delta_t)
+        if mask_now and self.exp_avg_ipt:
+            self._mask_to_budget(self.budget)
+            self.final = self.step > self.total_step - self.tfinal
+
+    def _update_importance(self, keys: list[str], full: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """peft's RankAllocator.update_ipt, in the same operators (so the same roundings), on all parameters at once:
+        concatenated, a handful of operators per step instead of a dozen per tensor. A parameter without a
+        gradient in this step counts as importance 0 (peft has no such case: it would fail on it)."""
+        values = torch.cat([v.reshape(-1).float() for v, _ in full])
+        grads = torch.cat([(torch.zeros_like(v) if g is None else g).reshape(-1).float() for v, g in full])
+        ipt = values.mul_(grads).abs_()
+        if self._flat is None or self._flat[0] != keys:  # first update, or after load_state_dict
+            self._flat = (keys, *(self._flatten(ema, keys, full, ipt) for ema in (self.exp_avg_ipt, self.exp_avg_unc)))
+            sizes = [v.numel() for v, _ in full]
+            for ema, flat in zip((self.exp_avg_ipt, self.exp_avg_unc), self._flat[1:]):  # views, updated in place
+                ema.update(zip(keys, (part.view_as(v) for part, (v, _) in zip(flat.split(sizes), full))))
+        _, avg, unc = self._flat
+        avg.mul_(self.beta1).add_(ipt * (1 - self.beta1))  # avg ← β1·avg + (1 − β1)·ipt
+        unc.mul_(self.beta2).add_((ipt - avg).abs_().mul_(1 - self.beta2))  # unc ← β2·unc + (1 − β2)·|ipt − avg|
+
+    @staticmethod
+    def _flatten(ema: dict[str, torch.Tensor], keys: list[str], full, like: torch.Tensor) -> torch.Tensor:
+        """One flat EMA from per-parameter ones (zeros where a parameter has none yet), on the gradients' device."""
+        return torch.cat([ema[k].reshape(-1).to(like) if k in ema else like.new_zeros(v.numel())
+                          for k, (v, _) in zip(keys, full)])
+
+    def _triplet_scores(self) -> dict[str, torch.Tensor]:
+        score = {k: self.exp_avg_ipt[k] * self.exp_avg_unc[k] for k in self.exp_avg_ipt}
+        return {name: score[f"{name}:E"] + score[f"{name}:A"].mean(dim=1) + score[f"{name}:B"].mean(dim=0)
+                for name in self.layers}
+
+    def _mask_to_budget(self, budget: int) -> None:
+        scores = self._triplet_scores()
+        names = list(scores)
+        flat = torch.cat([scores[n] for n in names])
+        keep = torch.zeros_like(flat)
+        keep[torch.topk(flat, budget, sorted=False).indices] = 1  # exactly `budget` triplets survive
+        set_masks([self.layers[n] for n in names], keep.split([scores[n].numel() for n in names]), self.adapter)
+
+    def log_metrics(self) -> dict[str, float]:
+        orth = [float(getattr(l, "orthogonality_value", 0.0)) for l in self.layers.values()]  # set in backward
+        return {"adalora/budget": float(self.budget), "adalora/active_rank": float(self.active_rank()),
+                "adalora/orthogonality": sum(orth) / max(len(orth), 1)}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "budget": self.budget, "final": self.final,
+                "exp_avg_ipt": _on_cpu(self.exp_avg_ipt), "exp_avg_unc": _on_cpu(self.exp_avg_unc),
+                "masks": {n: l.lora_rank_mask[self.adapter].detach().cpu().clone() for n, l in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.budget, self.final = state["step"], state["budget"], state["final"]
+        # Copies: the EMAs are updated in place; flattened onto the gradients' device at their next update.
+        self.exp_avg_ipt, self.exp_avg_unc = _on_cpu(state["exp_avg_ipt"]), _on_cpu(state["exp_avg_unc"])
+        self._flat = None
+        for name, mask in state["masks"].items():
+            self.layers[name].set_mask(mask, self.adapter)
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}

@@ -1,0 +1,86 @@
+"""Elastic LoRA supernet (LoNAS / Shears NLS): a nested sub-rank per module group, sampled per optimizer step."""
+
+import torch
+import torch.distributed as dist
+
+from ..adapters.rank_layer import RankLoraLinear
+from ..elastic.base_masks import BaseMasks
+from ..elastic.search_space import SearchSpace
+from .base import RankController
+
+SUBNETS = ("maximal", "heuristic", "minimal")
+
+
+class ElasticController(RankController):
+    def __init__(self, layers: dict[str, RankLoraLinear], space: SearchSpace, seed: int,
+                 steps_per_epoch: int, sandwich: bool = False, adapter: str = "default",
+                 base_masks: BaseMasks | None = None):
+        super().__init__(layers, adapter)
+        self.space, self.seed, self.steps_per_epoch, self.sandwich = space, seed, steps_per_epoch, sandwich
+        # The base-width groups' activation masks (LoNAS elastic MLP / heads), set with the ranks on every activate.
+        self.base_masks = base_masks
+        if base_masks is None and space.base_module_widths(space.maximal()):
+            raise ValueError("a search space with base-width groups needs the BaseMasks that apply them")
+        self.config: dict[str, int] = space.maximal()
+        self.activate(self.config)
+        self.history: dict[int, dict[str, int]] = {}  # optimizer step -> sampled subnet (logged by the trainer)
+        # Training loss of each optimizer step's sampled subnet (NNCF NLS's loss_recorder): the search ranks
+        # configurations by it. Summed over micro-batches here, averaged over processes when the step ends.
+        self.losses: dict[int, float | torch.Tensor] = {}  # tensors until read (no device sync per step)
+        self._step_loss: dict[int, torch.Tensor] = {}
+
+    def subnet(self, which: str | dict) -> dict[str, int]:
+        """A named subnet (maximal / heuristic / minimal) or an explicit {group: width}, validated."""
+        if isinstance(which, dict):
+            return self.space.validate_subnet(which)
+        return getattr(self.space, which)()
+
+    def activate(self, which: str | dict) -> dict[str, int]:
+        self.config = self.subnet(which)
+        for name, width in self.space.module_widths(self.config).items():
+            self.layers[name].set_width(width, self.adapter)
+        if self.base_masks is not None:
+            self.base_masks.set_widths(self.space.base_module_widths(self.config))
+        return self.config
+
+    def passes(self, step: int) -> int:
+        return 3 if self.sandwich else 1
+
+    def before_pass(self, step: int, pass_index: int) -> None:
+        sampled = self.space.config_for_step(self.seed, step, self.steps_per_epoch)
+        # Sandwich rule (max, min, random in one optimizer step), as in EFTNAS; else one sampled subnet.
+        self.activate((["maximal", "minimal"] + [sampled])[pass_index] if self.sandwich else sampled)
+        self.history[step] = sampled
+
+    def record_loss(self, step: int, losses: list[torch.Tensor]) -> None:
+        # The last pass is the sampled subnet (a sandwich step runs maximal, minimal, then sampled).
+        loss = losses[-1].detach().float()
+        self._step_loss[step] = self._step_loss[step] + loss if step in self._step_loss else loss
+
+    def after_optimizer_step(self, step: int) -> None:
+        loss = self._step_loss.pop(step, None)
+        if loss is None:
+            return
+        if dist.is_available() and dist.is_initialized():  # every process runs this hook: a collective is safe
+            dist.all_reduce(loss)
+            loss = loss / dist.get_world_size()
+        self.losses[step] = loss
+
+    def step_losses(self) -> dict[int, float]:
+        """Optimizer step -> training loss of the subnet sampled at that step (averaged over processes)."""
+        self.losses = {k: float(v) for k, v in self.losses.items()}
+        return dict(self.losses)
+
+    def log_metrics(self) -> dict[str, float]:
+        widths = [self.config[g.name] for g in self.space.groups if g.base is None]  # adapter ranks only
+        return {"elastic/active_rank": float(self.active_rank()),
+                "elastic/mean_group_width": sum(widths) / max(len(widths), 1)}
+
+    def state_dict(self) -> dict:
+        # Sampling is a pure function of (seed, step): the seed, the active config and the losses are all there is.
+        return {"seed": self.seed, "config": dict(self.config), "losses": self.step_losses()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self.losses = dict(state.get("losses", {}))  # absent in states written before losses were recorded
+        self.activate(state["config"])

@@ -1,0 +1,1 @@
+"""Records from bundled tasks, files and hub datasets; tokenization, its cache, collators."""

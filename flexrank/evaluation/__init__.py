@@ -1,0 +1,1 @@
+"""Held-out metrics: scoring loops (loss, generation, choice), the metric resolver, sharding over processes."""

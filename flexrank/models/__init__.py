@@ -1,0 +1,1 @@
+"""The base model: bundled assets, hub snapshots, loading (dtype, QLoRA), attention/liger kernels."""

@@ -1,0 +1,117 @@
+"""Build the base model (dtype, attention kernel, QLoRA) and wrap it with the configured peft adapter."""
+
+import torch
+from peft import LoraConfig, MissConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from .assets import resolve_model
+from ..config import AdapterConfig, ModelConfig
+from ..errors import ConfigError
+from .kernels import choose_attention
+from ..adapters.rank_layer import register_rank_layer
+
+RANK_METHODS = ("elastic", "sora", "adalora")  # methods on flexrank's rank layer, driven by a controller
+_TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _bitsandbytes(cfg: ModelConfig) -> bool:
+    return cfg.quantization is not None and cfg.quantization.method == "bitsandbytes"
+
+
+def _quantization(cfg: ModelConfig):
+    if not _bitsandbytes(cfg):  # nncf_int4 quantizes after loading (quant_nncf.py)
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=_dtype(q.bnb_4bit_compute_dtype),
+            bnb_4bit_quant_storage=_dtype(q.bnb_4bit_quant_storage)),
+        "device_map": {"": device},
+    }
+
+
+def _model_path(cfg: ModelConfig):
+    """The model's local folder; refuses one that only loads by running its own code unless the recipe allows it
+    (transformers would otherwise fail with a multi-line error, or, asked, execute code the user never saw)."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = resolve_model(cfg.name_or_path, cfg.revision)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if not cfg.trust_remote_code and model_type is not None and model_type not in CONFIG_MAPPING:
+        raise ConfigError("model.trust_remote_code", False, "true for a model that ships its own modelling code",
+                          f"model_type {model_type!r} is not in transformers; only if you trust the code in {path}")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    tok = AutoTokenizer.from_pretrained(_model_path(cfg), trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, tokenizer, log=print):
+    """The frozen base model, with the attention kernel chosen at run time (the log says which)."""
+    path = _model_path(cfg)
+    attn, why = choose_attention(cfg.attn_implementation)
+    log(f"[flexrank] attention kernel: {attn} ({why})")
+    kwargs = {"dtype": _dtype(cfg.dtype), "attn_implementation": attn, "trust_remote_code": cfg.trust_remote_code,
+              **_quantization(cfg)}
+    if cfg.task_type == "seq_cls":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=cfg.num_labels, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if _bitsandbytes(cfg):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def adapter_config(cfg: AdapterConfig, task_type: str):
+    """The peft config for the adapter method (elastic uses flexrank's rank layer inside peft's LoRA)."""
+    task = _TASK_TYPES[task_type]
+    if cfg.method in ("miss", "bat"):
+        init = "bat" if cfg.method == "bat" else ("mini" if cfg.mini_r else True)
+        extra = {"mini_r": cfg.mini_r} if cfg.mini_r else {}
+        return MissConfig(r=cfg.r, target_modules=cfg.target_modules, init_weights=init, task_type=task, **extra)
+    config = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.lora_alpha or 2 * cfg.r, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, use_dora=cfg.method == "dora", use_rslora=cfg.method == "rslora",
+        layer_replication=cfg.layer_replication, rank_pattern=cfg.rank_pattern or {},
+        alpha_pattern=cfg.alpha_pattern or {}, task_type=task,
+    )
+    return register_rank_layer(config) if cfg.method in RANK_METHODS else config
+
+
+def apply_adapter(model, cfg: AdapterConfig, task_type: str):
+    peft_model = get_peft_model(model, adapter_config(cfg, task_type))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if cfg.sora is not None and cfg.sora.gate_init == "normal" and ".lora_gate." in name:
+                param.normal_()  # as the SoRA repository initialises its gates
+            if cfg.adalora is not None:  # AdaLoRA: Λ (the gate) = 0, A and B random (peft's init)
+                if ".lora_gate." in name:
+                    param.zero_()
+                elif ".lora_A." in name or ".lora_B." in name:
+                    param.normal_(mean=0.0, std=0.02)
+    return peft_model
+
+
+def count_parameters(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": int(trainable), "total": int(sum(p.numel() for p in model.parameters()))}

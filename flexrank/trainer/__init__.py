@@ -1,1 +1,0 @@
-"""Config, model building, data, the rank-controlled adapter layer, controllers, the Trainer subclass, export."""

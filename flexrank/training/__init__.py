@@ -1,0 +1,1 @@
+"""The Trainer subclass and its arguments built once from the recipe."""

@@ -1,0 +1,164 @@
+"""The thin Trainer subclass: it runs a rank controller's hooks at the right points of a training step and
+keeps the controller's state in checkpoints. All rank logic lives in the controller."""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..checkpoints import manifest as checkpoints
+from ..io import write_atomic
+from ..distributed.backends import backend_of, call_when_gradients_are_final, stepping_optimizers
+from ..checkpoints.portable_state import PortableResume, PortableStateCallback
+from ..adapters.rank_layer import guard_recomputation
+from ..controllers import RankController
+
+STATE_FILE = "flexrank_controller.pt"
+
+
+class _ControllerCallback(TrainerCallback):
+    """Puts the controller's optimizer-side work on the optimizer that really steps, once it exists (accelerate
+    and DeepSpeed build or wrap it after create_optimizer), checks that it is there, and, after the first
+    optimizer step, that it ran."""
+
+    def __init__(self, trainer: "FlexTrainer", controller: RankController):
+        self.trainer, self.controller = trainer, controller
+        self.undo_final_gradients = None
+        self.final_gradient_calls = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The Trainer has switched gradient checkpointing on by now: the mask check is only needed under it.
+        guard_recomputation(self.trainer.model)
+        optimizers = stepping_optimizers(self.trainer)
+        for optimizer in optimizers:
+            self.controller.attach(optimizer)
+        problem = self.controller.attachment_problem(optimizers)
+        if problem:
+            raise RuntimeError(f"[flexrank] {problem} (backend {backend_of(self.trainer)})")
+        if state.is_world_process_zero:
+            print(f"[flexrank] {type(self.controller).__name__} hooks on the optimizer that steps: "
+                  + ", ".join(type(o).__name__ for o in optimizers))
+        if self.undo_final_gradients:  # an earlier train() call of this trainer
+            self.undo_final_gradients()
+        self.undo_final_gradients = call_when_gradients_are_final(self.trainer, self._final_gradients)
+        self.first_step, self.hook_calls_before = state.global_step, self.controller.optimizer_hook_calls()
+        self.final_gradient_calls = 0
+
+    def _final_gradients(self):
+        self.final_gradient_calls += 1
+        self.controller.on_final_gradients()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # After optimizer.step(), before zero_grad(); state.global_step is still the step being taken.
+        if state.global_step == self.first_step and not self.trainer.accelerator.optimizer_step_was_skipped:
+            self._check_first_step_ran_the_hooks()
+        self.controller.after_optimizer_step(state.global_step)
+
+    def _check_first_step_ran_the_hooks(self):
+        where = f"backend {backend_of(self.trainer)}, optimizer " + ", ".join(
+            type(o).__name__ for o in stepping_optimizers(self.trainer))
+        if self.final_gradient_calls != 1:
+            raise RuntimeError(f"[flexrank] the rank controller's final-gradient hook ran {self.final_gradient_calls} "
+                               f"times in the first optimizer step instead of once ({where})")
+        calls = self.controller.optimizer_hook_calls()
+        if calls is not None and calls == self.hook_calls_before:
+            raise RuntimeError(f"[flexrank] {type(self.controller).__name__}'s optimizer hooks did not run in the first "
+                               f"optimizer step: they are not on the optimizer that steps ({where})")
+
+
+class _CompleteCheckpoints(TrainerCallback):
+    """Runs after the Trainer has written checkpoint-N from every process: the controller's state, then, once every
+    process is done, the completion manifest (checkpoints.py), then the rotation, which keeps the best checkpoint.
+    The Trainer's own rotation is off (FlexTrainer takes over save_total_limit): it runs before this callback, so it
+    would delete older complete checkpoints while the newest one is not complete yet."""
+
+    def __init__(self, trainer: "FlexTrainer", keep: int | None):
+        self.trainer, self.keep = trainer, keep
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        run_dir = Path(args.output_dir)
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and not folder.is_dir():  # e.g. a hyper-parameter search trial, which flexrank has not
+            raise RuntimeError(f"[flexrank] the Trainer's checkpoint is not at {folder}")
+        if trainer.controller is not None and args.should_save:
+            torch.save(trainer.controller.state_dict(), folder / STATE_FILE)
+        trainer.accelerator.wait_for_everyone()  # every process has written its shards
+        if args.should_save:
+            checkpoints.mark_complete(folder, trainer.checkpoint_meta())
+            checkpoints.rotate(run_dir, self.keep, protect=state.best_model_checkpoint)
+        trainer.accelerator.wait_for_everyone()
+
+
+class FlexTrainer(PortableResume, Trainer):
+    def __init__(self, *args, controller: RankController | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.controller = controller
+        # on_save callbacks run in the order added: the world-size-independent trainable state is written before
+        # the checkpoint is marked complete, so the manifest lists it. Rotation happens once a checkpoint is
+        # complete (_CompleteCheckpoints), not inside the Trainer's save.
+        self.add_callback(PortableStateCallback(self))
+        keep, self.args.save_total_limit = self.args.save_total_limit, None
+        self.add_callback(_CompleteCheckpoints(self, keep))
+        if controller is not None:
+            self.add_callback(_ControllerCallback(self, controller))
+
+    def create_optimizer(self, model=None):
+        if self.controller is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        groups = self.controller.optimizer_groups(self.model if model is None else model)
+        owned = [p for g in groups for p in g["params"]]
+        for p in owned:  # hidden from the default groups while the Trainer builds them
+            p.requires_grad_(False)
+        try:
+            optimizer = super().create_optimizer(model)
+        finally:
+            for p in owned:
+                p.requires_grad_(True)
+        for group in groups:  # hooks go on the optimizer that really steps, when training begins (_ControllerCallback)
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.controller is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        step = self.state.global_step
+        losses = []
+        # Each pass (one, or several for a sandwich rule) backpropagates into the same gradients before the step.
+        for index in range(self.controller.passes(step)):
+            self.controller.before_pass(step, index)
+            losses.append(super().training_step(model, inputs, num_items_in_batch))
+        self.controller.record_loss(step, losses)
+        return torch.stack(losses).mean()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        extra = self.controller.extra_loss() if self.controller is not None else None
+        if extra is not None:
+            loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if self.controller is not None and "loss" in logs:
+            logs = {**logs, **self.controller.log_metrics()}
+        super().log(logs, *args, **kwargs)
+
+    def checkpoint_meta(self) -> dict:
+        """What a resume needs to know about the run that wrote the checkpoint (world size, batch layout)."""
+        return {"global_step": self.state.global_step, "world_size": self.args.world_size,
+                "backend": backend_of(self),
+                "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        # Here rather than in _load_from_checkpoint, which the Trainer skips under DeepSpeed.
+        if self.controller is not None and resume_from_checkpoint:
+            self.controller.load_state_dict(torch.load(Path(resume_from_checkpoint) / STATE_FILE, weights_only=True))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
