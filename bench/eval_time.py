@@ -27,7 +27,7 @@ def _model(name: str) -> str:
 
         return str(smollm2_dir())
     if name == "tiny":
-        from flexrank.cache import cache_dir
+        from flexrank.io import cache_dir
 
         path = cache_dir("test-models") / "tiny-llama"
         if not (path / "config.json").exists():

@@ -2,8 +2,8 @@
 steps, write the timings as JSON.
 
 Sides, on the same model, data, adapter settings and TrainingArguments:
-- flexrank: what `flexrank train` builds (modeling.load_base_model, apply_adapter / quant_nncf, build_controller,
-  FlexTrainer), in the same order as run._train;
+- flexrank: what `flexrank train` builds (models.loading.load_base_model, the adapter method's build, FlexTrainer),
+  in the same order as run._train;
 - stock: what a user writes without flexrank (transformers.Trainer + peft.get_peft_model), see stock.py.
 
     python bench/measure.py '<spec JSON>'      (bench/run.py builds the spec and the launch command)
@@ -19,7 +19,6 @@ on this 2-core machine differ by 5-15% with nothing else running.
 """
 
 import json
-import os
 import resource
 import statistics
 import sys
@@ -34,14 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402  (bench/ is not a package)
 import stock  # noqa: E402
 
-from flexrank.launcher.launch import exit_distributed, in_launched_process  # noqa: E402
+from flexrank.distributed import env  # noqa: E402
+from flexrank.launcher.launch import exit_distributed  # noqa: E402
 from flexrank.data import records as data_lib  # noqa: E402
 from flexrank.io import write_atomic  # noqa: E402
 from flexrank.distributed.backends import apply_cpu_shims, zero3_init_as_configured  # noqa: E402
 from flexrank.config import load_config  # noqa: E402
 from flexrank.training.trainer import FlexTrainer  # noqa: E402
-from flexrank.models.loading import apply_adapter, load_base_model, load_tokenizer  # noqa: E402
-from flexrank.run import build_controller, load_data, tokenize, tokenize_train, training_arguments  # noqa: E402
+from flexrank.models.loading import load_base_model, load_tokenizer  # noqa: E402
+from flexrank.adapters.registry import method_for  # noqa: E402
+from flexrank.data.pipeline import load_data, tokenize, tokenize_train  # noqa: E402
+from flexrank.training.arguments import step_plan, training_arguments  # noqa: E402
 
 # Adapter settings per method (flexrank recipe form; stock.py writes the same ones in peft's form). r=8, all linear
 # layers everywhere, so that the controllers' overhead is measured on the same adapter shapes as plain LoRA.
@@ -124,23 +126,15 @@ def build(spec: dict, cfg, clock: StepClock):
     tokenizer = load_tokenizer(cfg.model)
     dataset = train_set(cfg, tokenizer, spec)
     if spec["side"] == "stock":
-        return stock.trainer(spec, cfg, tokenizer, dataset, clock)
+        return stock.trainer(spec, cfg, tokenizer, dataset, clock, CountingCollator)
     args = training_arguments(cfg)
     collator = CountingCollator(data_lib.make_collator(tokenizer, cfg.data.packing))
     with zero3_init_as_configured(args):
         model = load_base_model(cfg.model, tokenizer, log=lambda *_: None)
-    steps_per_epoch = max(1, len(dataset) // (spec["batch"] * int(os.environ.get("WORLD_SIZE", 1))))
-    if spec["method"] == "nncf_int4":
-        from flexrank.adapters import nncf as quant_nncf
-
-        sample = data_lib.make_collator(tokenizer, False)([dataset[0]])
-        model = quant_nncf.compress(model, cfg, sample)
-        controller = quant_nncf.build_controller(cfg, model, steps_per_epoch)
-    else:
-        model = apply_adapter(model, cfg.adapter, cfg.model.task_type)
-        controller = build_controller(cfg, model, steps_per_epoch)
-    trainer = FlexTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          controller=controller, callbacks=[clock])
+    method = method_for(cfg)  # as flexrank train builds it (nncf_int4 included)
+    method.build(model, step_plan(args, len(dataset)), lambda: data_lib.make_collator(tokenizer, False)([dataset[0]]))
+    trainer = FlexTrainer(model=method.model, args=args, train_dataset=dataset, data_collator=collator,
+                          controller=method.controller, callbacks=[clock])
     return trainer, collator
 
 
@@ -197,7 +191,7 @@ class TurnClock(StepClock):
 
 def result_of(spec: dict, clock: StepClock, collator: CountingCollator) -> dict:
     times = clock.step_times()[spec["warmup"]:]
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = env.world_size()
     return {
         "step_s": statistics.median(times), "step_times": times,
         # Tokens per step over all processes: this rank's mean per batch times the world size.
@@ -226,7 +220,7 @@ def main(spec: dict) -> None:
             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(spec["profile"])))
     else:
         trainer.train()
-    rank = int(os.environ.get("RANK", 0))
+    rank = env.rank()
     write_atomic(f"{spec['out']}.rank{rank}.json", json.dumps(result_of(spec, clock, collator)))
 
 
@@ -263,5 +257,5 @@ def main_shared(spec: dict) -> None:
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]))
-    if in_launched_process():
+    if env.in_launched_process():
         exit_distributed()  # as `flexrank train` does: gloo processes sometimes abort in interpreter teardown

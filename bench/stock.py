@@ -22,9 +22,8 @@ class AdaLoraBudget(TrainerCallback):
         self.model.base_model.update_and_allocate(state.global_step)
 
 
-def trainer(spec: dict, cfg, tokenizer, dataset, clock):
-    from measure import CountingCollator  # the same token counting as the flexrank side
-
+def trainer(spec: dict, cfg, tokenizer, dataset, clock, counting):
+    """The stock Trainer; `counting` wraps its collator with the same token counting as the flexrank side."""
     method, total = spec["method"], spec["warmup"] + spec["steps"]
     quantized = {}
     if method == "qlora":
@@ -42,7 +41,7 @@ def trainer(spec: dict, cfg, tokenizer, dataset, clock):
     else:
         peft_config = LoraConfig(use_dora=method == "dora", **common)
     model = get_peft_model(model, peft_config)
-    collator = CountingCollator(DataCollatorWithFlattening() if spec["packing"]
+    collator = counting(DataCollatorWithFlattening() if spec["packing"]
                                 else DataCollatorForSeq2Seq(tokenizer, padding=True))
     callbacks = [clock] + ([AdaLoraBudget(model)] if method == "adalora" else [])
     args = TrainingArguments(**cfg.training)

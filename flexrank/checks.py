@@ -12,11 +12,9 @@ Independent checks all run, and every problem found is reported (one line each).
 import dataclasses
 import difflib
 import functools
-import json
 import os
 import re
 import typing
-from pathlib import Path
 
 from .config import RunConfig
 from .errors import ConfigError, ConfigErrors
@@ -96,13 +94,10 @@ def training_problems(training: dict, build: bool = True) -> list[ConfigError]:
         return problems
     from transformers import TrainingArguments
 
-    import torch
+    from .training.arguments import inspection_overrides
 
-    # No side effects: report to nothing (no integration starts), output_dir is not created by the constructor.
-    # Without an accelerator here (a login node), check as for CPU: the GPU-only options are checked at run time.
-    here = {} if torch.cuda.is_available() else {"use_cpu": True, "tf32": None}
-    try:
-        TrainingArguments(**{**training, "report_to": "none", **here})
+    try:  # no side effects: output_dir is not created by the constructor
+        TrainingArguments(**{**training, **inspection_overrides()})
     except (TypeError, ValueError, NotImplementedError) as exc:
         message = " ".join(str(exc).split())
         # Name the keys the message is about: by key, else by a (string) value it quotes, e.g. an enum value.
@@ -136,7 +131,7 @@ def meta_peft_model(cfg: RunConfig):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .models.assets import resolve_model
-    from .models.loading import adapter_config
+    from .adapters.peft_methods import adapter_config
 
     m = cfg.model
     path = resolve_model(m.name_or_path, m.revision)

@@ -36,7 +36,7 @@ class _Section(BaseModel):
 
 class QuantizationConfig(_Section):
     """bitsandbytes 4-bit (QLoRA; quant_storage other than uint8 lets FSDP/ZeRO-3 shard the packed weights), or
-    nncf INT4 quantization-aware training (`method: nncf_int4`: mode, group_size, backup; see quant_nncf.py), or
+    nncf INT4 quantization-aware training (`method: nncf_int4`: mode, group_size, backup; see adapters/nncf.py), or
     float LoRA then nncf post-training INT4 compression of the merged model (`nncf_int4_ptq`, same keys)."""
     method: Literal["bitsandbytes", "nncf_int4", "nncf_int4_ptq"] = "bitsandbytes"
     mode: Literal["int4_asym", "int4_sym"] = "int4_asym"
@@ -263,7 +263,7 @@ class EvalConfig(_Section):
     after: bool = True
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(8, gt=0)
-    metrics: Any = "auto"  # 'auto' or [loss, exact_match, choice, package.module:function] (eval_metrics.py)
+    metrics: Any = "auto"  # 'auto' or [loss, exact_match, choice, package.module:function] (evaluation/metrics.py)
     choices: list[str] | None = None  # the closed label set of `choice` (default: the data's distinct answers)
 
     @model_validator(mode="after")
@@ -287,7 +287,7 @@ class DistributedConfig(_Section):
 
     @model_validator(mode="after")
     def _backend(self):
-        from .launcher.launch import BACKENDS
+        from .distributed.backends import BACKENDS
 
         if self.backend not in BACKENDS and not (self.backend.endswith((".yaml", ".yml")) and Path(self.backend).exists()):
             raise ConfigError("distributed.backend", self.backend, f"one of {BACKENDS} or an accelerate YAML file")
@@ -311,7 +311,8 @@ class SearchConfig(_Section):
     crossover_eta: float | None = Field(None, gt=0)
     mutation_prob: float | None = Field(None, ge=0, le=1)
     mutation_eta: float | None = Field(None, gt=0)
-    metric: Literal["auto", "loss"] = "auto"      # auto: exact match / accuracy where the task has one
+    metric: str = "auto"   # auto: the run's task metric (exact match, choice, accuracy, a user metric), else loss; or
+    # any metric the run reports (loss, perplexity, exact_match, choice, a user function's name)
     eval_size: int | None = Field(None, gt=0)    # held-out records per evaluation
     eval_offset: int = Field(0, ge=0)            # first held-out record the search uses
     test_size: int = Field(0, ge=0)              # held-out records after the search's, to re-check the best

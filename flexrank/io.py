@@ -1,9 +1,12 @@
-"""Outputs that appear whole or not at all: write next to the destination, then rename over it.
+"""Files: the one atomic writer, and the cache folder.
 
-A reader (export, eval, a resumed run, another process) sees the previous version or the new one, never a
-half-written file or folder, even when the writer is killed midway.
+Every output (a result, a cache entry, a checkpoint file, an export) is written next to its destination, then
+renamed over it: a reader (export, eval, a resumed run, another process) sees the previous version or the new one,
+never a half-written file or folder, even when the writer is killed midway. The cache folder holds expensive shared
+artefacts (converted models, fetched data sets, tokenized data).
 """
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -19,9 +22,10 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(dest: str | Path) -> Iterator[Path]:
+def atomic_path(dest: str | Path, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path (not yet created) for the caller to write a file or a folder into; when
-    the block ends without error it replaces `dest` (a folder is swapped: old one renamed aside, then removed)."""
+    the block ends without error it replaces `dest` (a folder is swapped: old one renamed aside, then removed).
+    `keep_existing`: a `dest` that appeared meanwhile (another process wrote the same entry) wins; ours is dropped."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")  # hidden, so no glob for checkpoints picks it up
@@ -31,6 +35,9 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    if keep_existing and dest.exists():
+        _remove(tmp)
+        return
     if tmp.is_dir() and dest.is_dir():
         # rename(2) cannot replace a non-empty folder: move the old one aside first.
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -49,3 +56,15 @@ def write_atomic(dest: str | Path, data: str | bytes) -> None:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_json(dest: str | Path, data) -> None:
+    write_atomic(dest, json.dumps(data, indent=2, default=str))
+
+
+def cache_dir(*parts: str) -> Path:
+    """`$FLEXRANK_CACHE` (default `~/.cache/flexrank`), joined with `parts` and created."""
+    root = Path(os.environ.get("FLEXRANK_CACHE", Path.home() / ".cache" / "flexrank"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

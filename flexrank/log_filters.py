@@ -7,6 +7,8 @@ import os
 import re
 import warnings
 
+from .distributed import env
+
 # logger name -> messages from it that say nothing actionable on a CPU/GPU run of flexrank
 HARMLESS_LOG_LINES: dict[str, tuple[str, ...]] = {
     # torchao ships CUDA-only kernels; on import it reports each one it could not load
@@ -48,5 +50,5 @@ def install() -> None:
             logger.addFilter(HarmlessLineFilter(patterns))
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    if int(os.environ.get("RANK", "0")) != 0:  # launched processes other than the main one: no weight-loading bars
+    if not env.is_main_process():  # launched processes other than the main one: no weight-loading bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

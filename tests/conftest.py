@@ -9,6 +9,15 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's `-n 2`), each worker is one of two test processes sharing the cores: one
+    torch thread each (two multi-threaded torch jobs on 2 cores slow each other ~10x), and the processes the tests
+    launch inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu`-marked tests need CUDA: skipped, with the reason, where there is none (run tests/gpu/run.sh on a
     GPU machine). Their CPU twins run everywhere."""
@@ -32,8 +41,9 @@ def tiny_llama_dir():
     """A random 2-layer Llama with SmolLM2's real tokenizer and chat template, saved once in the cache."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from flexrank.io import cache_dir
+    from flexrank.io import atomic_path
     from flexrank.models.assets import smollm2_dir
-    from flexrank.cache import cache_dir
 
     out = cache_dir("test-models") / "tiny-llama"
     if not (out / "config.json").exists():
@@ -41,10 +51,9 @@ def tiny_llama_dir():
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok)))
         model.config.pad_token_id = model.config.eos_token_id = tok.eos_token_id
-        tmp = out.with_name("tiny-llama.tmp")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        with atomic_path(out, keep_existing=True) as tmp:  # concurrent test workers: the first one wins
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     return out
 
 

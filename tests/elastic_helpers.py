@@ -5,7 +5,8 @@ from peft import LoraConfig, get_peft_model
 
 from flexrank.controllers import ElasticController
 from flexrank.adapters.rank_layer import rank_layers, register_rank_layer
-from flexrank.elastic.search_space import space_from_spec
+from flexrank.elastic.base_masks import BaseMasks, find_base_targets
+from flexrank.elastic.search_space import base_groups_from_spec, space_from_spec
 
 SHEARS_SPEC = {"groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]], "widths": [8, 6, 4]}
 
@@ -23,12 +24,19 @@ class RecordingElastic(ElasticController):
         self.records.append({"step": step, "pass": pass_index, "config": dict(self.config), "masks": masks})
 
 
-def elastic_supernet(model, seed=7, sandwich=False, steps_per_epoch=100):
+def elastic_supernet(model, seed=7, sandwich=False, steps_per_epoch=100, base_widths=None):
+    """`base_widths` (the recipe form, e.g. {"mlp": [1.0, 0.75, 0.5]}): elastic base widths too, applied by
+    BaseMasks as flexrank.run builds them."""
     cfg = register_rank_layer(LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
     peft_model = get_peft_model(model, cfg)
     layers = rank_layers(peft_model)
-    space = space_from_spec(SHEARS_SPEC, list(layers), max_rank=8)
-    return peft_model, RecordingElastic(layers, space, seed=seed, steps_per_epoch=steps_per_epoch, sandwich=sandwich)
+    base = base_groups_from_spec(base_widths, find_base_targets(peft_model)) if base_widths else []
+    space = space_from_spec(SHEARS_SPEC, list(layers), max_rank=8, base_groups=base)
+    modules = dict(peft_model.named_modules())
+    masked = space.base_module_widths(space.maximal())
+    masks = BaseMasks(peft_model, {m: modules[m].in_features for m in masked}) if masked else None
+    return peft_model, RecordingElastic(layers, space, seed=seed, steps_per_epoch=steps_per_epoch, sandwich=sandwich,
+                                        base_masks=masks)
 
 
 class ProgressionData(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ from flexrank.adapters.rank_layer import _OrthogonalityGradient, rank_layers, re
 
 def adalora_model(model, **kwargs):
     peft_model = get_peft_model(model, register_rank_layer(LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
-    with torch.no_grad():  # AdaLoRA init: Λ = 0, A and B random (as modeling.apply_adapter does)
+    with torch.no_grad():  # AdaLoRA init: Λ = 0, A and B random (as adapters.peft_methods.apply_adapter does)
         for name, p in peft_model.named_parameters():
             if ".lora_gate." in name:
                 p.zero_()

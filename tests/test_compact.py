@@ -139,7 +139,8 @@ def test_cli_exports_a_trained_runs_subnet_compact(tiny_llama_dir, tmp_path):
 
     from dist_helpers import recipe
     from flexrank.config import load_config
-    from flexrank.run import load_run, train
+    from flexrank.adapters.registry import load_run
+    from flexrank.run import train
 
     run = tmp_path / "run"
     metrics = train(load_config(recipe(tmp_path, tiny_llama_dir, "elastic", max_steps=2),
@@ -154,7 +155,8 @@ def test_cli_exports_a_trained_runs_subnet_compact(tiny_llama_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flexrank", "export", str(run), "--subnet", "minimal",
                            "--compact", str(out), "--keep-adapter"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    _, _, supernet, controller = load_run(run)
+    finished = load_run(run)
+    supernet, controller = finished.model, finished.controller
     controller.activate("minimal")
     ids = torch.randint(0, 2000, (2, 10), generator=torch.Generator().manual_seed(4))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()

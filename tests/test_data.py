@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from flexrank.cache import cache_dir
+from flexrank.io import cache_dir
 from flexrank.data.records import (
     IGNORE_INDEX,
     TokenizedDataset,

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from dist_helpers import free_port
 from elastic_helpers import elastic_supernet
 
@@ -72,13 +74,67 @@ def test_sandwich_rule_runs_max_min_random(tiny_llama):
     assert len(set(randoms)) > 1 and ctrl.history[5] == plain.config
 
 
-def test_state_dict_round_trip(tiny_llama):
-    _, ctrl = elastic_supernet(tiny_llama)
-    ctrl.activate("heuristic")
-    state = ctrl.state_dict()
-    ctrl.activate("minimal")
-    ctrl.load_state_dict(state)
-    assert ctrl.config == dict.fromkeys(GROUPS, 6)  # the median of [8, 6, 4]
+# A subnet that is none of the named ones (every rank width and, with base widths, two MLP widths).
+SAVED = {"L0:q_proj+k_proj+v_proj": 6, "L1:q_proj+k_proj+v_proj": 4, "L0:up_proj": 8, "L1:up_proj": 6,
+         "L0:down_proj": 4, "L1:down_proj": 8}
+SAVED_MLP = {"L0:mlp": 96, "L1:mlp": 64}  # of the intermediate 128, widths [1.0, 0.75, 0.5]
+
+
+@pytest.mark.parametrize("base_widths", [None, {"mlp": [1.0, 0.75, 0.5]}], ids=["ranks", "base_widths"])
+def test_state_dict_round_trip(tiny_llama, tmp_path, base_widths):
+    """A controller saved as the trainer saves it (torch.save of state_dict) and loaded into a fresh one (built
+    with another seed, at the maximal subnet, as on resume): the same config, rank masks, base masks, recorded
+    losses and seed, hence the same logits and the same subnets sampled at the following steps. Every expected
+    value is taken before saving or written by hand, never from the loaded controller."""
+    model, ctrl = elastic_supernet(tiny_llama, base_widths=base_widths)
+    with torch.no_grad():  # lora_B starts at zero, where rank masks would not change the logits
+        g = torch.Generator().manual_seed(3)
+        for layer in ctrl.layers.values():
+            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    for step in range(3):  # three optimizer steps: sampled subnets and their (2 micro-batch) losses
+        ctrl.before_pass(step, 0)
+        ctrl.record_loss(step, [torch.tensor(1.0 + step)])
+        ctrl.record_loss(step, [torch.tensor(0.5)])
+        ctrl.after_optimizer_step(step)
+    saved = {**SAVED, **SAVED_MLP} if base_widths else SAVED
+    ctrl.activate(saved)
+
+    # What the saved subnet is, by hand, and what the model computes with it.
+    widths = {name: saved[_group_of(name)] if _group_of(name) else 8 for name in ctrl.layers}
+    assert len(widths) == 14 and sorted(set(widths.values())) == [4, 6, 8]
+    masks_at_save = {name: layer.lora_rank_mask["default"].clone() for name, layer in ctrl.layers.items()}
+    for name, mask in masks_at_save.items():
+        assert mask.tolist() == [1.0] * widths[name] + [0.0] * (8 - widths[name]), name
+    base_at_save = dict(ctrl.base_masks.widths) if base_widths else None
+    if base_widths:
+        assert base_at_save == {f"base_model.model.model.layers.{i}.mlp.down_proj": w for i, w in ((0, 96), (1, 64))}
+    with torch.no_grad():
+        logits_at_save = model(ids).logits
+    torch.save(ctrl.state_dict(), tmp_path / "controller.pt")
+
+    # Resume: a fresh controller on the same layers (and base masks) at the maximal subnet, with another seed.
+    fresh = type(ctrl)(ctrl.layers, ctrl.space, seed=99, steps_per_epoch=100, base_masks=ctrl.base_masks)
+    assert all(layer.lora_rank_mask["default"].eq(1).all() for layer in fresh.layers.values())
+    with torch.no_grad():
+        assert (model(ids).logits - logits_at_save).abs().max() > 1e-3  # the saved subnet is another model
+    fresh.load_state_dict(torch.load(tmp_path / "controller.pt", weights_only=True))
+
+    assert fresh.config == saved and fresh.seed == 7
+    assert fresh.step_losses() == {0: 1.5, 1: 2.5, 2: 3.5}  # the sampled subnets' losses, summed per step
+    for name, layer in fresh.layers.items():
+        assert torch.equal(layer.lora_rank_mask["default"], masks_at_save[name]), name
+    if base_widths:
+        assert fresh.base_masks.widths == base_at_save
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits_at_save, rtol=0, atol=0)
+    # The history is not saved (sampling is a pure function of seed and step): the loaded controller samples the
+    # subnets the saved one samples at the next steps.
+    for step in range(3, 8):
+        ctrl.before_pass(step, 0)
+        fresh.before_pass(step, 0)
+    assert [ctrl.history[s] for s in range(3, 8)] == [fresh.history[s] for s in range(3, 8)]
+    assert len({json.dumps(fresh.history[s]) for s in range(3, 8)}) > 1
 
 
 def _launch(out: Path, nproc: int) -> list[dict]:

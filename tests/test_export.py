@@ -13,7 +13,8 @@ import torch
 from dist_helpers import recipe
 
 from flexrank.config import load_config
-from flexrank.run import load_run, train
+from flexrank.adapters.registry import load_run
+from flexrank.run import train
 
 STOCK = Path(__file__).parent / "scripts" / "stock_peft_logits.py"
 IDS = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(5)).tolist()
@@ -36,7 +37,8 @@ def _flexrank(*args: str) -> subprocess.CompletedProcess:
 
 def _trained_logits(run_dir: Path, subnet=None) -> torch.Tensor:
     """The trained rank-controlled model (flexrank's own layer, masks and gates restored from the run)."""
-    _, _, model, controller = load_run(run_dir)
+    finished = load_run(run_dir)
+    model, controller = finished.model, finished.controller
     if subnet is not None:
         controller.activate(subnet)
     with torch.no_grad():
@@ -88,7 +90,8 @@ def test_json_subnet_through_the_cli_exports_to_stock_peft(exported):
 
 
 def _base_logits(run_dir: Path) -> torch.Tensor:
-    _, _, model, _ = load_run(run_dir)
+    finished = load_run(run_dir)
+    model = finished.model
     with torch.no_grad(), model.disable_adapter():
         return model.eval()(input_ids=torch.tensor(IDS)).logits
 

@@ -81,8 +81,9 @@ def test_revision_tag_resolves_to_its_commit(hub_cache, tiny_llama_dir, tmp_path
     """In-process (huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE when imported: set its constants)."""
     from huggingface_hub import constants
 
-    from flexrank.models.hub import pin_hub_model
-    from flexrank.run import load_run, train
+    from flexrank.models.assets import pin_hub_model
+    from flexrank.adapters.registry import load_run
+    from flexrank.run import train
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -93,7 +94,8 @@ def test_revision_tag_resolves_to_its_commit(hub_cache, tiny_llama_dir, tmp_path
     assert m["parameters"]["total"] - m["parameters"]["trainable"] == base_parameters(
         hub_cache / "models--acme--tiny-llama" / "snapshots" / V1)
     assert load_config(tmp_path / "run" / "config.yaml").model.revision == V1
-    cfg, _, peft_model, _ = load_run(tmp_path / "run")  # as flexrank eval / export do: the recorded commit
+    finished = load_run(tmp_path / "run")
+    cfg, peft_model = finished.cfg, finished.model  # as flexrank eval / export do: the recorded commit
     assert cfg.model.revision == V1 and peft_model.get_base_model().config.num_hidden_layers == 1
 
 

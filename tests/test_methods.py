@@ -1,12 +1,13 @@
 """Every adapter method trains on a tiny model and its saved adapter reloads in stock peft with identical
-logits; QLoRA runs on CPU with fp32 compute. Models load through flexrank's own builder (modeling.py)."""
+logits; QLoRA runs on CPU with fp32 compute. Models load through flexrank's own builder (models/loading.py)."""
 
 import pytest
 import torch
 from peft import PeftModel
 
 from flexrank.config import load_config
-from flexrank.models.loading import apply_adapter, load_base_model, load_tokenizer
+from flexrank.adapters.peft_methods import apply_adapter
+from flexrank.models.loading import load_base_model, load_tokenizer
 
 CASES = {
     "lora": {"method": "lora"},
@@ -64,3 +65,28 @@ def test_method_trains_and_reloads_in_stock_peft(tiny_llama_dir, case, tmp_path)
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_every_recipe_method_has_its_method_object():
+    """Each adapter.method (and each nncf quantization a method allows) resolves to a method object of its own."""
+    from typing import get_args
+
+    from flexrank.adapters import nncf, peft_methods, rank_methods
+    from flexrank.adapters.registry import method_for
+    from flexrank.config import AdapterConfig
+
+    expected = {"lora": peft_methods.PeftMethod, "dora": peft_methods.PeftMethod, "rslora": peft_methods.PeftMethod,
+                "miss": peft_methods.PeftMethod, "bat": peft_methods.PeftMethod,
+                "elastic": rank_methods.ElasticMethod, "adalora": rank_methods.AdaLoRAMethod,
+                "sora": rank_methods.SoRAMethod}
+    assert set(get_args(AdapterConfig.model_fields["method"].annotation)) == set(expected)
+    space = {"search_space": {"groups": [["q_proj"]], "widths": [4, 2]}}
+    for name, cls in expected.items():
+        adapter = {"method": name, **({"elastic": space} if name == "elastic" else {})}
+        assert type(method_for(load_config(raw={"adapter": adapter}))) is cls, name
+    for quantization, name, cls in (("nncf_int4", "lora", nncf.NncfLoraQat), ("nncf_int4", "elastic", nncf.NncfElasticQat),
+                                    ("nncf_int4_ptq", "lora", nncf.NncfPtq),
+                                    ("bitsandbytes", "elastic", rank_methods.ElasticMethod)):
+        adapter = {"method": name, **({"elastic": space} if name == "elastic" else {})}
+        cfg = load_config(raw={"adapter": adapter, "model": {"quantization": {"method": quantization}}})
+        assert type(method_for(cfg)) is cls, (quantization, name)

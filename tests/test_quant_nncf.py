@@ -9,6 +9,7 @@ pytest.importorskip("nncf")
 
 from dist_helpers import metrics, recipe, run, train_args  # noqa: E402
 
+from flexrank.controllers.base import StepPlan
 from flexrank.checkpoints import manifest as checkpoints  # noqa: E402
 from flexrank.adapters import nncf as quant_nncf  # noqa: E402
 from flexrank.config import load_config  # noqa: E402
@@ -31,7 +32,8 @@ def sample():
 def compressed(tiny_llama, method="elastic"):
     cfg = nncf_config(method)
     model = quant_nncf.compress(tiny_llama, cfg, sample())
-    return cfg, model, quant_nncf.build_controller(cfg, model, steps_per_epoch=10)
+    return cfg, model, quant_nncf.build_controller(cfg, model, StepPlan(
+        steps_per_epoch=10, total_steps=10, seed=cfg.training["seed"], learning_rate=cfg.training["learning_rate"]))
 
 
 @pytest.mark.parametrize("method", ["lora", "elastic"])

@@ -14,18 +14,19 @@ from transformers import AutoModelForCausalLM
 
 from flexrank.config import load_config
 from flexrank.errors import ConfigError
-from flexrank.run import load_run, train
+from flexrank.adapters.registry import load_run
+from flexrank.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1,
          "warmup_steps": 0}
 
 
-def quick_config(model_dir, out, adapter, data=None):
+def quick_config(model_dir, out, adapter, data=None, eval=None):
     return load_config(raw={
         "model": {"name_or_path": str(model_dir)},
         "data": {"task": "analogy", "train_size": 48, "eval_size": 8, **(data or {})},
-        "adapter": adapter, "eval": {"batch_size": 8, "max_new_tokens": 4},
+        "adapter": adapter, "eval": {"batch_size": 8, "max_new_tokens": 4, **(eval or {})},
         "training": {**QUICK, "output_dir": str(out)},
     })
 
@@ -48,9 +49,82 @@ def test_lora_run_writes_adapter_metrics_config_and_logs(tiny_llama_dir, tmp_pat
     PeftModel.from_pretrained(base, tmp_path / "adapter")  # stock peft
 
 
-def test_packed_run(tiny_llama_dir, tmp_path):
-    metrics = train(quick_config(tiny_llama_dir, tmp_path, {"method": "lora", "r": 4}, {"packing": True}))
+def _record_training_batches(monkeypatch) -> list[dict]:
+    """Every training forward's inputs (as the model got them) and its per-token loss, computed here from the
+    logits: cross-entropy of the logits at position t against the label at t + 1 (0 where the label is -100)."""
+    from flexrank.training.trainer import FlexTrainer
+
+    seen = []
+    original = getattr(FlexTrainer.compute_loss, "__wrapped__", FlexTrainer.compute_loss)  # not a previous recorder
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = original(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            logits, labels = outputs.logits.detach().float(), inputs["labels"]
+            token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                           ignore_index=-100, reduction="none")
+            seen.append({**{k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in inputs.items()},
+                         "token_loss": token_loss.cpu(), "loss": loss.item()})
+        return (loss, outputs) if return_outputs else loss
+
+    compute_loss.__wrapped__ = original
+    monkeypatch.setattr(FlexTrainer, "compute_loss", compute_loss)
+    return seen
+
+
+def _records_of(batch: dict) -> list[dict]:
+    """The records of a training batch: per record its input ids, labels and the losses of predicting its tokens
+    after the first. A padded row ends at its attention mask; a packed row is split where position_ids restart."""
+    if "attention_mask" in batch:
+        spans = [(row, 0, int(n)) for row, n in enumerate(batch["attention_mask"].sum(1))]
+    else:
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+        spans = [(0, a, b) for a, b in zip(starts, starts[1:])]
+    return [{"ids": batch["input_ids"][row, a:b].tolist(), "labels": batch["labels"][row, a:b].tolist(),
+             "token_loss": batch["token_loss"][row, a:b - 1]} for row, a, b in spans]
+
+
+def test_packed_run(tiny_llama_dir, tmp_path, monkeypatch):
+    """Packing puts each step's records into one row without padding, position_ids restarting per record, and
+    changes nothing else: every record's tokens, labels and per-token losses are those of the padded run (no
+    token attends to, or is scored against, another record), with as many optimizer steps and label tokens."""
+    runs = {}
+    for packing in (True, False):
+        seen = _record_training_batches(monkeypatch)
+        # The padded twin only trains (the same seed, data order and adapter initialisation).
+        cfg = quick_config(tiny_llama_dir, tmp_path / f"packing_{packing}", {"method": "lora", "r": 4},
+                           {"packing": packing}, None if packing else {"before": False, "after": False})
+        runs[packing] = train(cfg), seen
+    (metrics, packed), (padded_metrics, padded) = runs[True], runs[False]
     assert metrics["train"]["train_loss"] > 0 and metrics["after"]["loss"] < metrics["before"]["loss"]
+
+    assert len(packed) == len(padded) == QUICK["max_steps"]  # one forward per optimizer step, in both runs
+    assert len(metrics["train"]["losses"]) == len(padded_metrics["train"]["losses"]) == QUICK["max_steps"]
+    batch_size = QUICK["per_device_train_batch_size"]
+    for step, (p, q) in enumerate(zip(packed, padded)):
+        # The packed batch: one row holding the step's records back to back, no padding and no attention mask,
+        # positions restarting at 0 per record, and no KV cache (which would let sdpa attend across records).
+        records, twins = _records_of(p), _records_of(q)
+        assert "attention_mask" not in p and p["use_cache"] is False
+        assert p["input_ids"].shape == (1, sum(len(r["ids"]) for r in twins))
+        assert len(records) == len(twins) == batch_size
+        assert p["position_ids"][0].tolist() == [i for r in twins for i in range(len(r["ids"]))]
+        assert q["input_ids"].shape[0] == batch_size and (q["attention_mask"] == 0).any()  # the padded run pads
+        # The same records, in the same order, with the same labels except the first of each record (-100:
+        # in the row, it would be predicted from the previous record's last token).
+        assert [r["ids"] for r in records] == [r["ids"] for r in twins], step
+        assert [r["labels"] for r in records] == [[-100] + r["labels"][1:] for r in twins], step
+        label_tokens = sum(t != -100 for r in twins for t in r["labels"][1:])
+        assert int((p["labels"] != -100).sum()) == label_tokens > 0
+        # Each record's token losses in the packed row are those it gets on its own row: no attention across
+        # records (a leak moves them by ~1). The first step runs identical weights, later ones differ by the
+        # reduction-order noise of the updates only (seen: 2e-6).
+        atol = 2e-5 if step == 0 else 1e-4
+        for r, twin in zip(records, twins):
+            torch.testing.assert_close(r["token_loss"], twin["token_loss"], atol=atol, rtol=0, msg=f"step {step}")
+        assert p["loss"] == pytest.approx(q["loss"], abs=atol)
+    # (the Trainer logs losses rounded to 4 decimals: two values 2e-6 apart can round 1e-4 apart)
+    assert metrics["train"]["losses"] == pytest.approx(padded_metrics["train"]["losses"], abs=2e-4)
 
 
 def test_own_data_file_gets_a_held_out_split(tiny_llama_dir, tmp_path):
@@ -83,7 +157,9 @@ def test_shears_run_exports_subnets_to_stock_peft(tiny_llama_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert yaml.safe_load(json.dumps(json.loads((out / "flexrank_export.json").read_text())))["total_rank"] == 80
 
-    _, _, supernet, controller = load_run(tmp_path / "run")
+    finished = load_run(tmp_path / "run")
+
+    supernet, controller = finished.model, finished.controller
     controller.activate("minimal")
     supernet.eval()
     with torch.no_grad():
@@ -124,7 +200,7 @@ def test_minilm_polarity_classification_learns(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from flexrank.models.assets import minilm_dir
-    from flexrank.run import load_data
+    from flexrank.data.pipeline import load_data
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2),

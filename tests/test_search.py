@@ -233,3 +233,52 @@ def test_bad_input_is_refused_with_one_line(searched, tmp_path, capsys):
         assert main(["search", *map(str, args)]) == 2
         err = capsys.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_search_metric_is_any_metric_the_run_reports():
+    from flexrank.errors import ConfigError
+    from flexrank.evaluation.metrics import metric_to_score
+
+    assert metric_to_score("auto", ["loss", "exact_match"]) == (["exact_match"], "exact_match")
+    assert metric_to_score("auto", ["loss", "choice"]) == (["choice"], "choice")
+    assert metric_to_score("auto", ["loss"]) == (["loss"], "loss")
+    assert metric_to_score("auto", ["loss", "my.mod:bleu"]) == (["my.mod:bleu"], "bleu")
+    assert metric_to_score("perplexity", ["loss", "choice"]) == (["loss"], "perplexity")
+    assert metric_to_score("my.mod:bleu", ["loss", "my.mod:bleu"]) == (["my.mod:bleu"], "bleu")
+    assert metric_to_score("rouge_l", ["my.mod:rouge"]) == (["my.mod:rouge"], "rouge_l")  # a key of its dict
+    with pytest.raises(ConfigError, match=r"search.metric: got 'choice'; allowed: auto or a metric the run reports: "
+                                          r"\['exact_match', 'loss', 'perplexity'\]"):
+        metric_to_score("choice", ["loss", "exact_match"])
+
+
+def test_search_on_choice_scores_subnets_as_flexrank_eval_does(elastic_run, tmp_path):
+    """A run whose eval.metrics has choice is searched on it (search.metric: choice): the maximal subnet's score
+    in the search equals its choice accuracy from the run's own evaluation (as `flexrank eval` computes it) on the
+    same records."""
+    from flexrank.adapters.registry import load_run
+    from flexrank.config import load_config
+    from flexrank.data import records as data_lib
+    from flexrank.data.pipeline import load_data, tokenize
+    from flexrank.data.records import reference_answer
+    from flexrank.elastic import search as search_mod
+    from flexrank.evaluation.metrics import evaluate_run
+
+    run_dir = _copy(elastic_run, tmp_path / "run")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    held_out = load_data(load_config(run_dir / "config.yaml")).eval
+    labels = sorted({reference_answer(r) for r in held_out})
+    cfg["eval"].update({"metrics": ["choice", "loss"], "choices": labels})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    best = search_mod.search(run_dir, ["search.metric=choice", "search.num_evals=4", "search.population=4",
+                                       "search.seed=1"])
+    assert best["metric_name"] == "choice" and best["eval_records"] == [0, len(held_out)]
+    maximal = next(r for r in _rows(run_dir) if r["source"] == "maximal")
+    run = load_run(run_dir)
+    run.method.activate("maximal")
+    data = load_data(run.cfg)
+    evaluated = evaluate_run(run.cfg, run.model, run.tokenizer, data, tokenize(run.cfg, run.tokenizer, data.eval,
+                                                                                data.kind),
+                             data_lib.make_collator(run.tokenizer, False))
+    assert float(maximal["metric"]) == pytest.approx(evaluated["choice"])
+    assert len(labels) > 1 and evaluated["choice_labels"] == len(labels)
+    assert json.loads((run_dir / "search" / "search_best.json").read_text())["config"] == best["config"]

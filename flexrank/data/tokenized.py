@@ -6,7 +6,6 @@ loads the finished Arrow files instead of tokenizing again. The main process goe
 load); an entry appears complete or not at all (written beside, then renamed).
 """
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import records as data_lib
-from ..cache import cache_dir
+from ..io import cache_dir
+from ..io import atomic_path
+from ..distributed import env
 
 FORMAT_VERSION = 1  # bump when the tokenization below changes, so old cache entries are not reused
 STATS_FILE = "flexrank_stats.json"
@@ -62,7 +63,7 @@ def tokenize_cached(ds, tokenizer, data_cfg, kind: str, source_key: str, name: s
         dataset = load_from_disk(str(target))
         stats = {**json.loads((target / STATS_FILE).read_text()), "cached": not built,
                  "load_seconds": round(time.perf_counter() - t0, 3)}
-    rank = int(os.environ.get("RANK", 0))
+    rank = env.rank()
     if built or rank == 0:  # (a process that tokenizes always says so: only one should)
         how = (f"tokenized in {stats['seconds']:.1f} s ({stats['records_per_s']:,.0f} records/s)" if built
                else f"loaded from the cache in {stats['load_seconds']:.2f} s")
@@ -99,8 +100,8 @@ def _build(ds, tokenizer, data_cfg, kind: str, target) -> None:
                  "records_per_s": round(len(ds) / max(seconds, 1e-9), 1)}
         with open(os.path.join(final, STATS_FILE), "w") as f:
             json.dump(stats, f)
-        with contextlib.suppress(OSError):  # another node's main process may have finished the same entry first
-            os.replace(final, target)
+        with atomic_path(target, keep_existing=True) as tmp:  # another node's main process may have finished first
+            os.replace(final, tmp)
     if not (target / STATS_FILE).exists():
         shutil.rmtree(target, ignore_errors=True)
         raise RuntimeError(f"could not write the tokenization cache {target}")

@@ -16,7 +16,9 @@ from importlib.metadata import version
 
 import torch
 
-from ..launcher.launch import in_launched_process
+BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")  # distributed.backend names
+
+from . import env
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,7 +46,7 @@ def apply_cpu_shims() -> bool:
 
     def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
         backend, distributed_type = prepare_backend(self, cpu, sagemaker_dp, backend)
-        if distributed_type == DistributedType.NO and in_launched_process() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if distributed_type == DistributedType.NO and env.in_launched_process() and env.world_size() > 1:
             return "gloo", DistributedType.MULTI_CPU
         return backend, distributed_type
 
@@ -123,6 +125,13 @@ def full_values_and_grads(params: list[torch.Tensor]) -> list[tuple[torch.Tensor
     return [(_full(p.detach()), None if p.grad is None else _full(p.grad)) for p in params]
 
 
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (and wrappers like it)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def stepping_optimizers(trainer) -> list[torch.optim.Optimizer]:
     """The torch optimizers whose step() really updates the trained tensors, once training has begun (the Trainer's
     optimizer is only a client: accelerate wraps it, and under DeepSpeed ZeRO steps its own optimizer on fp32 master
@@ -134,7 +143,7 @@ def stepping_optimizers(trainer) -> list[torch.optim.Optimizer]:
         zero = trainer.model_wrapped.optimizer  # DeepSpeed's ZeRO / bf16 optimizer, around the stepping one
         found = [getattr(zero, "optimizer", zero), getattr(zero, "backup_optimizer", None)]
     else:
-        found = [getattr(trainer.optimizer, "optimizer", trainer.optimizer)]  # inside accelerate's wrapper
+        found = [unwrap_optimizer(trainer.optimizer)]
     found = [o for o in found if isinstance(o, torch.optim.Optimizer)]
     if not found:
         raise RuntimeError(f"[flexrank] no torch optimizer found inside {type(trainer.optimizer).__name__} "

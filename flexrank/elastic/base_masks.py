@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .search_space import layer_index
+from .base_shape import layer_index
 
 # The projection whose INPUT carries the elastic width, per architecture family (names as in transformers):
 # Llama/Mistral/Qwen/SmolLM2 `mlp.down_proj`, BLOOM `mlp.dense_4h_to_h`, BERT/MiniLM `layer.N.output.dense`.

@@ -24,8 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..adapters.export import _PEFT_PREFIX, _plain_config, plain_lora_state, save_export
 from ..adapters.rank_layer import rank_layers
-from .search_space import layer_index
-from .base_shape import BaseWidths
+from .base_shape import BaseWidths, layer_index
 from .cost import base_role
 
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.rank_layer import RankLoraLinear
-from .search_space import layer_index
-from .base_shape import BaseWidths
+from .base_shape import BaseWidths, layer_index
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io import atomic_path, write_atomic
 from .nsga import pareto_front
 
 
@@ -93,12 +94,6 @@ COLUMNS = ["generation", "source", "params", "macs", "base_params", "base_macs",
            "metric", "config"]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_csv(path: Path, rows: list[Row]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
@@ -106,11 +101,7 @@ def write_csv(path: Path, rows: list[Row]) -> None:
     for r in rows:
         writer.writerow({"generation": r.generation, "source": r.source, **{k: r.cost[k] for k in COLUMNS[2:8]},
                          "metric": repr(r.metric), "config": config_key(r.config)})
-    _atomic_write(path, buf.getvalue().encode())
-
-
-def write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_atomic(path, buf.getvalue())
 
 
 def front_rows(rows: list[Row], objective: str = "macs", higher_is_better: bool = True) -> list[Row]:
@@ -157,7 +148,6 @@ def plot(path: Path, rows: list[Row], best: Best, metric_name: str, objective: s
     ax.set_title("flexrank search: NSGA-II over the elastic supernet")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

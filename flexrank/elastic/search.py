@@ -11,6 +11,7 @@ processes of one `accelerate launch` (DDP) split each generation's candidates be
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections import Counter, defaultdict
@@ -18,10 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..evaluation import metrics as metrics_lib
 from .search_space import read_nncf_json
 from .cost import CostModel, subnet_cost
 from .nsga import NSGASettings, nsga2
-from .results import EvalCache, Row, config_key, digest, front_rows, plot, select_best, write_csv, write_json
+from ..io import write_json
+from .results import EvalCache, Row, config_key, digest, front_rows, plot, select_best, write_csv
 
 # NNCF BootstrapNAS's search defaults (v2.19 search.py). acc_delta: NNCF's 1 point of percent accuracy, here a
 # fraction (LoNAS writes fractions: ref_acc 0.45, acc_delta 0.01). ref_acc -1: the maximal subnet's metric.
@@ -142,47 +145,57 @@ class Workers:
         return {k: v for part in parts for k, v in part.items()}
 
 
-def metric_higher_is_better(cfg) -> bool:
-    """Bundled tasks have a metric (exact match or accuracy); own data files, or search.metric=loss, the loss."""
-    return cfg.search.metric == "auto" and bool(cfg.data.task)
-
-
 class SubnetScorer:
-    """The metric of one subnet on fixed held-out records: only the masks change between subnets."""
+    """The metric of one subnet on fixed held-out records, computed by the code that evaluates a run (the metric
+    `search.metric` names: any the run reports; auto: the run's task metric). Only the masks change between subnets."""
 
     def __init__(self, cfg, model, tokenizer, controller, run_data, records: list[dict]):
         from ..data import records as data_lib
-        from ..run import tokenize
+        from ..data.pipeline import tokenize
 
         self.cfg, self.model, self.tokenizer, self.controller = cfg, model, tokenizer, controller
         self.kind, self.records = run_data.kind, records
-        if cfg.search.metric == "loss" and self.kind == "classification":
-            raise ConfigError("search.metric", "loss", "auto for a classification run (its metric is accuracy)")
         if self.kind == "classification":
-            self.name, self.higher_is_better = "accuracy", True
-        elif metric_higher_is_better(cfg):
-            self.name, self.higher_is_better = "exact_match", True
-        else:
-            self.name, self.higher_is_better = "loss", False
-            self.dataset = tokenize(cfg, tokenizer, records, self.kind)
-            self.collator = data_lib.make_collator(tokenizer, False)
+            if cfg.search.metric not in ("auto", "accuracy"):
+                raise ConfigError("search.metric", cfg.search.metric, "auto or accuracy for a classification run")
+            self.name, self.compute, self.higher_is_better = "accuracy", [], True
+            return
+        self.compute, self.name = run_metric(cfg, run_data, tokenizer)
+        self.higher_is_better = metrics_lib.higher_is_better(self.name)
+        self.labels = metrics_lib.label_set(cfg.eval.choices, itertools.chain(run_data.train_records(),
+                                                                            run_data.eval)) \
+            if "choice" in self.compute else None
+        self.dataset = tokenize(cfg, tokenizer, records, self.kind) if "loss" in self.compute else None
+        self.collator = data_lib.make_collator(tokenizer, False)
 
     def identity(self) -> dict:
-        return {"metric": self.name, "records": self.records, "max_new_tokens": self.cfg.eval.max_new_tokens,
+        return {"metric": self.name, "computed": self.compute, "records": self.records, "labels": self.labels
+                if self.kind != "classification" else None, "max_new_tokens": self.cfg.eval.max_new_tokens,
                 "max_length": self.cfg.data.max_length}
 
     def __call__(self, config: dict[str, int]) -> float:
-        from ..evaluation.scoring import evaluate_classification, evaluate_generation, evaluate_loss
+        from ..evaluation.scoring import evaluate_classification
+        from ..evaluation.sharding import Shard
 
         self.controller.activate(config)
         c = self.cfg
-        if self.name == "accuracy":
+        if self.kind == "classification":
             return evaluate_classification(self.model, self.tokenizer, self.records, batch_size=c.eval.batch_size,
                                            max_length=c.data.max_length)["accuracy"]
-        if self.name == "exact_match":
-            return evaluate_generation(self.model, self.tokenizer, self.records, batch_size=c.eval.batch_size,
-                                       max_new_tokens=c.eval.max_new_tokens)["exact_match"]
-        return evaluate_loss(self.model, self.dataset, self.collator, batch_size=c.eval.batch_size)["loss"]
+        # Every process scores whole subnets (the search splits subnets, not records): no sharding here.
+        result = metrics_lib.evaluate_task(self.model, self.tokenizer, self.records, self.dataset, self.collator,
+                                           self.compute, labels=self.labels, batch_size=c.eval.batch_size,
+                                           max_new_tokens=c.eval.max_new_tokens, shard=Shard(), show_progress=False)
+        if self.name not in result:
+            raise ConfigError("search.metric", self.name, f"a metric the run reports: {sorted(result)}")
+        return result[self.name]
+
+
+def run_metric(cfg, run_data, tokenizer) -> tuple[list[str], str]:
+    """(the eval metrics to compute, the result key scored) for search.metric on this run."""
+    resolved = metrics_lib.resolve(cfg.eval.metrics, run_data.kind, bool(cfg.data.task), run_data.eval, tokenizer,
+                                   cfg.eval.max_new_tokens)
+    return metrics_lib.metric_to_score(cfg.search.metric, resolved)
 
 
 def score_all(configs: list[dict], scorer, cache: EvalCache, workers: Workers, progress=None) -> list[float]:
@@ -229,6 +242,7 @@ def _trained_steps(run_dir: Path, losses: dict[int, float]) -> list[int]:
 
 def load_search_config(run_dir: Path, overrides: list[str]):
     """The run's config with `search.*` overrides; refuses anything but an elastic run."""
+    from ..adapters.registry import method_for
     from ..config import load_config
 
     for assignment in overrides:
@@ -238,12 +252,14 @@ def load_search_config(run_dir: Path, overrides: list[str]):
     if not (run_dir / "config.yaml").exists():
         raise ConfigError("run_dir", str(run_dir), "a finished flexrank run (a folder with config.yaml)")
     cfg = load_config(run_dir / "config.yaml", overrides)
-    if cfg.adapter.method != "elastic":
+    if not method_for(cfg).has_subnets:
         raise ConfigError("run_dir", str(run_dir), "an elastic run (adapter.method: elastic)",
                           f"this run's adapter.method is {cfg.adapter.method!r}: it has no subnets to search")
     if not (run_dir / "supernet").exists():
         raise ConfigError("run_dir", str(run_dir), "a run with a supernet/ folder (written when training ends)")
-    resolve_settings(cfg, metric_higher_is_better(cfg))  # bad settings fail before the model loads
+    # Bad settings fail before the model loads ('auto' is known once the data is: bundled tasks have a task metric).
+    resolve_settings(cfg, bool(cfg.data.task) if cfg.search.metric == "auto" else
+                     metrics_lib.higher_is_better(cfg.search.metric))
     return cfg
 
 
@@ -251,13 +267,15 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     """Run the search; returns the summary written to search_best.json (on every process)."""
     from tqdm.auto import tqdm
 
-    from ..run import load_data, load_run
+    from ..adapters.registry import load_run
+    from ..data.pipeline import load_data
 
     run_dir = Path(run_dir)
-    cfg = load_search_config(run_dir, list(overrides))
+    load_search_config(run_dir, list(overrides))
     _check_backend()
     workers = Workers()
-    cfg, tokenizer, model, controller = load_run(run_dir, list(overrides))
+    run = load_run(run_dir, list(overrides))
+    cfg, tokenizer, model, controller = run.cfg, run.tokenizer, run.model, run.controller
     if workers.dist is not None:
         from accelerate import PartialState
 
@@ -266,7 +284,8 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     space = controller.space
     run_data = load_data(cfg)
 
-    settings = resolve_settings(cfg, metric_higher_is_better(cfg))
+    scorer_name = run_metric(cfg, run_data, tokenizer)[1] if run_data.kind != "classification" else "accuracy"
+    settings = resolve_settings(cfg, metrics_lib.higher_is_better(scorer_name))
     held_out, start = run_data.eval, settings.eval_offset
     size = settings.eval_size if settings.eval_size is not None else len(held_out) - start - settings.test_size
     if size <= 0 or start + size + settings.test_size > len(held_out):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..shipped import find_shipped_json
-from .base_shape import BaseWidths, LayerWidths
+from .base_shape import BaseWidths, LayerWidths, layer_index
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -73,15 +73,6 @@ def _check_stage(key: str, stage: Stage, last: bool, longest: int) -> None:
         value = getattr(stage, name)
         if value is not None and not (_is_number(value) and value > 0):
             raise ConfigError(f"{key}.{name}", value, "a positive number, or unset to use the training arguments")
-
-
-def layer_index(module_name: str) -> int | None:
-    """Decoder-layer index of a module name: `.layers.N.`, else the first numeric path component."""
-    for pattern in (r"(?:^|\.)layers\.(\d+)\.", r"(?:^|\.)(\d+)\."):
-        match = re.search(pattern, module_name)
-        if match:
-            return int(match.group(1))
-    return None
 
 
 @dataclass(frozen=True)

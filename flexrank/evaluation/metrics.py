@@ -6,7 +6,9 @@ as function(predictions, references) on the greedy generations, returning a numb
 """
 
 import importlib
+import itertools
 import re
+import time
 from numbers import Real
 
 from ..data.records import encode_chat_text, reference_answer
@@ -25,6 +27,8 @@ from .scoring import (
 )
 
 BUILTIN = ("loss", "exact_match", "choice")
+TASK_METRICS = ("exact_match", "choice", "accuracy")  # a run is judged by these first, then user metrics, then loss
+LOWER_IS_BETTER = ("loss", "perplexity", "train_loss")
 ALLOWED = "'auto', or a list of loss, exact_match, choice, package.module:function"
 MAX_LABELS = 64  # more distinct answers than this is not a closed label set: give eval.choices
 _USER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -74,6 +78,42 @@ def resolve(metrics, kind: str, bundled_task: bool, records: list[dict], tokeniz
     return list(metrics)
 
 
+def higher_is_better(name: str) -> bool:
+    return name not in LOWER_IS_BETTER
+
+
+def headline(names) -> str:
+    """The metric a run is judged by, among the metric names it reports (or computes): its task metric (exact
+    match, choice or classifier accuracy, then the first user function), else the loss."""
+    names = list(names)
+    return next((n for n in TASK_METRICS if n in names), next((n for n in names if ":" in n), "loss"))
+
+
+def reported_name(spec: str) -> str:
+    """The result key of an eval.metrics entry (a user function's is its function name, when it returns a number)."""
+    return spec.partition(":")[2] if ":" in spec else spec
+
+
+def metric_to_score(requested: str, resolved: list[str]) -> tuple[list[str], str]:
+    """For a search or sweep that scores on `requested` ('auto', or any name the run reports), the eval metrics to
+    compute (a subset of the run's `resolved` ones) and the result key to read. A ConfigError lists what the run
+    reports otherwise."""
+    if requested == "auto":
+        requested = reported_name(headline(resolved))
+    users = [m for m in resolved if ":" in m]
+    if requested in resolved and ":" not in requested:
+        return [requested], requested
+    if requested == "perplexity" and "loss" in resolved:
+        return ["loss"], requested
+    exact = [m for m in users if requested in (m, reported_name(m))]
+    if exact:
+        return exact[:1], reported_name(exact[0])
+    if users:  # a key of a user function's {name: number} result: known once it runs
+        return users, requested
+    raise ConfigError("search.metric", requested, f"auto or a metric the run reports: "
+                      f"{sorted({reported_name(m) for m in resolved} | ({'perplexity'} if 'loss' in resolved else set()))}")
+
+
 def label_set(cfg_choices: list[str] | None, records) -> list[str]:
     """eval.choices, or the distinct answers of the data (first-seen order, normalised duplicates merged)."""
     if cfg_choices:
@@ -89,7 +129,7 @@ def label_set(cfg_choices: list[str] | None, records) -> list[str]:
 
 def evaluate_task(model, tokenizer, records: list[dict], eval_set, collator, metrics: list[str], *,
                   labels: list[str] | None = None, batch_size: int = 32, max_new_tokens: int = 8,
-                  shard: Shard | None = None) -> dict:
+                  shard: Shard | None = None, show_progress: bool = True) -> dict:
     """One evaluation phase: every requested metric, sharded over the processes, one progress bar."""
     shard = shard or current_shard()
     generates = any(m == "exact_match" or ":" in m for m in metrics)
@@ -98,7 +138,7 @@ def evaluate_task(model, tokenizer, records: list[dict], eval_set, collator, met
         (batches_of(len(records), batch_size, shard) if generates else 0) + \
         (batches_of(n_choice, batch_size, shard) if "choice" in metrics else 0)
     result: dict = {}
-    with progress_bar(total, shard) as bar:
+    with progress_bar(total, shard, show=show_progress) as bar:
         if "loss" in metrics:
             result.update(evaluate_loss(model, eval_set, collator, batch_size=batch_size, shard=shard, progress=bar))
         if "choice" in metrics:
@@ -132,3 +172,29 @@ def evaluate_classifier(model, tokenizer, records, batch_size: int, max_length: 
     shard = shard or current_shard()
     with progress_bar(batches_of(len(records), batch_size, shard), shard) as bar:
         return evaluate_classification(model, tokenizer, records, batch_size, max_length, shard=shard, progress=bar)
+
+
+def summary_line(m: dict) -> str:
+    """One line per evaluation phase: the task metrics first (user metrics too), then loss, then the time."""
+    first = TASK_METRICS
+    skip = ("n", "tokens", "choice_labels", "seconds", "active_rank", "active_lora_params", "loss", "perplexity")
+    keys = [k for k in first if k in m] + [k for k, v in m.items() if k not in first + skip
+                                           and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    line = ", ".join(f"{k}={m[k]:.4f}" for k in keys + [k for k in ("loss", "perplexity") if k in m])
+    return line + (f" ({m['n']} records, {m['seconds']:.1f} s)" if "seconds" in m else "")
+
+
+def evaluate_run(cfg, model, tokenizer, run_data, eval_set, collator) -> dict:
+    """One evaluation phase of a run: its eval.metrics on the held-out records (sharded over the processes), or
+    accuracy for a classifier."""
+    if run_data.kind == "classification":
+        return evaluate_classifier(model, tokenizer, run_data.eval, cfg.eval.batch_size, cfg.data.max_length)
+    start = time.perf_counter()
+    metrics = resolve(cfg.eval.metrics, run_data.kind, bool(cfg.data.task), run_data.eval, tokenizer,
+                      cfg.eval.max_new_tokens)
+    labels = None
+    if "choice" in metrics:
+        labels = label_set(cfg.eval.choices, itertools.chain(run_data.train_records(), run_data.eval))
+    result = evaluate_task(model, tokenizer, run_data.eval, eval_set, collator, metrics, labels=labels,
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    return {**result, "seconds": round(time.perf_counter() - start, 3)}

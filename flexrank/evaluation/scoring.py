@@ -38,9 +38,9 @@ def accuracy(preds: list, refs: list) -> float:
     return sum(p == r for p, r in zip(preds, refs)) / len(refs)
 
 
-def progress_bar(total: int, shard: Shard, desc: str = "eval"):
+def progress_bar(total: int, shard: Shard, desc: str = "eval", show: bool = True):
     """The one bar of an evaluation phase: main process only, gone when done (the summary line stays)."""
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=shard.rank != 0)
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not show or shard.rank != 0)
 
 
 def batches_of(n_items: int, batch_size: int, shard: Shard) -> int:

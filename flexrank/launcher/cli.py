@@ -100,11 +100,12 @@ _LAUNCH_FLAGS = {"nproc": "distributed.nproc", "nnodes": "distributed.nnodes", "
 
 
 def _train(args) -> int:
-    from .launch import exit_distributed, format_command, in_launched_process, launch_command
+    from ..distributed.env import in_launched_process
+    from .launch import exit_distributed, format_command, launch_command
     from .signals import run_forwarding_signals
     from ..checks import CHECKED_ENV, already_checked, check_recipe
     from ..config import load_config
-    from ..models.hub import pin_hub_model
+    from ..models.assets import pin_hub_model
     from ..checkpoints.preemption import PREEMPTED_EXIT, Preempted
 
     overrides = args.overrides + [f"{key}={getattr(args, flag)}" for flag, key in _LAUNCH_FLAGS.items()
@@ -165,9 +166,9 @@ def _prepare(args) -> None:
 
 
 def _export(args) -> None:
-    from ..controllers import ElasticController
-    from ..adapters.export import export_plain_adapter, refuse_foreign_folder, save_export
-    from ..run import load_run
+    from ..adapters.export import refuse_foreign_folder, save_export
+    from ..adapters.registry import load_run, method_for
+    from ..config import load_config
 
     if not (args.out or args.compact):
         raise ConfigError("--out", None, "--out DIR (plain adapter) and/or --compact DIR (smaller merged model)")
@@ -176,74 +177,47 @@ def _export(args) -> None:
     for key, folder in (("--out", args.out), ("--merge-sparse", args.merge_sparse), ("--compact", args.compact)):
         if folder:
             refuse_foreign_folder(Path(folder), key)  # before the model loads
-    if _export_nncf(args):
-        return
-    _, tokenizer, peft_model, controller = load_run(args.run_dir)
-    if isinstance(controller, ElasticController):  # any subnet; AdaLoRA/SoRA export the ranks they learned
-        print(f"[flexrank] subnet: {controller.activate(_subnet_arg(args.subnet))}")
+    method_for(load_config(Path(args.run_dir) / "config.yaml")).check_export(args.out, args.compact, args.merge_sparse)
+    run = load_run(args.run_dir)
+    method = run.method
+    subnet = method.activate(_subnet_arg(args.subnet))  # elastic runs: any subnet; others export what they learned
+    if subnet is not None:
+        print(f"[flexrank] subnet: {subnet}")
     if args.out:
-        print(json.dumps({k: v for k, v in export_plain_adapter(peft_model, args.out).items()
+        print(json.dumps({k: v for k, v in method.export_adapter(args.out, tokenizer=run.tokenizer).items()
                           if k != "rank_pattern"}))
     if args.compact:
         from ..elastic.compact import export_compact
 
-        widths = controller.space.base_widths(controller.config) if isinstance(controller, ElasticController) else {}
-        summary = export_compact(peft_model, widths, args.compact, merge=not args.keep_adapter, tokenizer=tokenizer)
+        summary = export_compact(method.model, method.base_widths(), args.compact, merge=not args.keep_adapter,
+                                 tokenizer=run.tokenizer)
         print(f"[flexrank] compact model in {args.compact}: " + json.dumps(
             {k: summary[k] for k in ("params", "adapter_params", "intermediate_size", "num_attention_heads",
                                      "num_key_value_heads", "merged")}))
     if args.merge_sparse:
         from ..adapters.sparsity import sparse_merge, sparsity_of
 
-        merged = sparse_merge(peft_model)
+        merged = sparse_merge(method.model)
         sparsity = sparsity_of(merged)
         save_export(args.merge_sparse, merged.save_pretrained, {"sparsity": sparsity}, "--merge-sparse")
         print(f"[flexrank] merged model in {args.merge_sparse}: sparsity {sparsity:.4f}")
 
 
-def _export_nncf(args) -> bool:
-    """An nncf run exports its INT4 model (an elastic QAT run: the chosen subnet absorbed); False for other runs."""
-    from ..adapters import nncf as quant_nncf
-    from ..config import load_config
-    from ..controllers import ElasticController
-    from ..adapters.export import save_export
-    from ..run import load_run
-
-    method = quant_nncf.method_of(load_config(Path(args.run_dir) / "config.yaml"))
-    if method is None:
-        return False
-    if args.merge_sparse:
-        raise ConfigError("--merge-sparse", args.merge_sparse, "no --merge-sparse with an nncf INT4 run",
-                          "the adapters are already absorbed into the INT4 weights, and nncf runs have no sparse base")
-    if args.compact or not args.out:
-        raise ConfigError("--compact", args.compact, "--out DIR only with an nncf INT4 run",
-                          "its INT4 weights are packed per group: nothing to slice")
-    _, tokenizer, model, controller = load_run(args.run_dir)
-    if isinstance(controller, ElasticController):
-        print(f"[flexrank] subnet: {controller.activate(_subnet_arg(args.subnet))}")
-    if method == quant_nncf.QAT:
-        model = quant_nncf.strip_int4(model, quant_nncf.example_input(tokenizer))
-    summary = {}
-    save_export(args.out, lambda folder: summary.update(quant_nncf.save_int4(model, tokenizer, folder)), {})
-    print(json.dumps({"int4_model": str(Path(args.out) / "model.pt"), "int4_model_bytes": summary["int4_model_bytes"]}))
-    return True
-
-
 def _eval(args) -> None:
+    from ..adapters.registry import load_run
     from ..data import records as data_lib
-    from ..controllers import ElasticController
-    from ..run import evaluate, load_data, load_run, tokenize
+    from ..data.pipeline import load_data, tokenize
+    from ..evaluation.metrics import evaluate_run
 
-    cfg, tokenizer, peft_model, controller = load_run(args.run_dir)
+    run = load_run(args.run_dir)
+    cfg, method = run.cfg, run.method
     run_data = load_data(cfg)
-    eval_set = tokenize(cfg, tokenizer, run_data.eval, run_data.kind)
-    collator = data_lib.make_collator(tokenizer, False)
-    elastic = isinstance(controller, ElasticController)
-    for subnet in (args.subnet or ["heuristic"]) if elastic else [None]:
-        if elastic:
-            controller.activate(_subnet_arg(subnet))
-        print(json.dumps({"subnet": subnet, **evaluate(cfg, peft_model, tokenizer, run_data, eval_set, collator)},
-                         default=str))
+    eval_set = tokenize(cfg, run.tokenizer, run_data.eval, run_data.kind)
+    collator = data_lib.make_collator(run.tokenizer, False)
+    for subnet in method.subnets_to_evaluate(args.subnet):
+        method.activate(_subnet_arg(subnet) if subnet is not None else None)
+        print(json.dumps({"subnet": subnet, **evaluate_run(cfg, method.model, run.tokenizer, run_data, eval_set,
+                                                           collator)}, default=str))
 
 
 def _slurm(args) -> int:
@@ -259,7 +233,8 @@ def _slurm(args) -> int:
 
 
 def _search(args) -> int:
-    from .launch import exit_distributed, format_command, free_port, in_launched_process, launch_command
+    from ..distributed.env import in_launched_process
+    from .launch import exit_distributed, format_command, free_port, launch_command
     from ..config import DistributedConfig
     from ..elastic.search import load_search_config, search
 

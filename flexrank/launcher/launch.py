@@ -14,7 +14,6 @@ import torch
 
 from ..shipped import ACCELERATE_CONFIGS, DS_CONFIGS, shipped_file
 
-BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
 _ACCELERATE_FILES = {"single": "single.yaml", "ddp": "ddp.yaml", "fsdp2": "fsdp2.yaml",
                      "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
                      "zero3_offload": "deepspeed_zero3_offload.yaml"}
@@ -26,11 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def in_launched_process() -> bool:
-    """True inside a process started by accelerate/torchrun (so flexrank must not re-launch itself)."""
-    return "LOCAL_RANK" in os.environ
 
 
 def launch_command(dist, argv: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..io import write_atomic
 from ..shipped import SLURM, shipped_file
 
 SWEEP_FILE = "sweep.txt"
@@ -38,9 +39,7 @@ def grid_points(grid: list[str]) -> list[list[str]]:
 def write_sweep(sweep_dir: Path, points: list[list[str]]) -> Path:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     path = sweep_dir / SWEEP_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(" ".join(p) + "\n" for p in points))
-    tmp.replace(path)
+    write_atomic(path, "".join(" ".join(p) + "\n" for p in points))
     return path
 
 
@@ -100,18 +99,12 @@ def collect(sweep_dir: Path) -> list[dict]:
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write(sweep_dir / "results.csv", buffer.getvalue())
+    write_atomic(sweep_dir / "results.csv", buffer.getvalue())
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     table += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    _write(sweep_dir / "results.md", "\n".join(table) + "\n")
+    write_atomic(sweep_dir / "results.md", "\n".join(table) + "\n")
     return rows
 
 
 def _cell(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -8,8 +8,9 @@ import importlib.util
 from pathlib import Path
 
 from ..io import atomic_path
-from ..cache import cache_dir
+from ..io import cache_dir
 from ..errors import ConfigError
+from .hub import is_hub_id, snapshot
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -82,8 +83,6 @@ BUNDLED = {SMOLLM2: smollm2_dir, MINILM: minilm_dir}
 
 def model_source(name_or_path: str) -> str:
     """bundled | local (a folder, existing or not) | hub (an `org/name` id that is not a local folder)."""
-    from .hub import is_hub_id
-
     if name_or_path in BUNDLED:
         return "bundled"
     if is_hub_id(name_or_path) and not Path(name_or_path).expanduser().exists():
@@ -97,11 +96,21 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> Path:
     if source == "bundled":
         return BUNDLED[name_or_path]()
     if source == "hub":
-        from .hub import snapshot
-
         return snapshot(name_or_path, revision)[0]
     path = Path(name_or_path).expanduser()
     if (path / "config.json").exists():
         return path
     raise ConfigError("model.name_or_path", name_or_path,
                       f"one of {sorted(BUNDLED)}, a local folder with config.json or a hub id (org/name)")
+
+
+def pin_hub_model(model_cfg) -> list[str]:
+    """In the launching process: resolve a hub id once and pin model.revision to its commit (recorded in
+    config.yaml). Returns the --set overrides that hand the pinned commit to launched processes."""
+    if model_source(model_cfg.name_or_path) != "hub":
+        return []
+    path, commit = snapshot(model_cfg.name_or_path, model_cfg.revision)
+    print(f"[flexrank] model {model_cfg.name_or_path} at revision {model_cfg.revision or 'main'}: commit {commit} "
+          f"({path})", flush=True)
+    model_cfg.revision = commit
+    return [f"model.revision='{commit}'"]  # quoted: --set values are YAML, and a commit can look like a number

@@ -62,17 +62,3 @@ def snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
     if not (path / "config.json").exists():
         raise ConfigError("model.name_or_path", repo_id, "a hub model repository with config.json", f"{path}")
     return path, path.name  # the cache keeps snapshots under snapshots/<commit>
-
-
-def pin_hub_model(model_cfg) -> list[str]:
-    """In the launching process: resolve a hub id once and pin model.revision to its commit (recorded in
-    config.yaml). Returns the --set overrides that hand the pinned commit to launched processes."""
-    from .assets import model_source
-
-    if model_source(model_cfg.name_or_path) != "hub":
-        return []
-    path, commit = snapshot(model_cfg.name_or_path, model_cfg.revision)
-    print(f"[flexrank] model {model_cfg.name_or_path} at revision {model_cfg.revision or 'main'}: commit {commit} "
-          f"({path})", flush=True)
-    model_cfg.revision = commit
-    return [f"model.revision='{commit}'"]  # quoted: --set values are YAML, and a commit can look like a number

@@ -1,7 +1,6 @@
 """The thin Trainer subclass: it runs a rank controller's hooks at the right points of a training step and
 keeps the controller's state in checkpoints. All rank logic lives in the controller."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -9,13 +8,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoints import manifest as checkpoints
-from ..io import write_atomic
 from ..distributed.backends import backend_of, call_when_gradients_are_final, stepping_optimizers
 from ..checkpoints.portable_state import PortableResume, PortableStateCallback
 from ..adapters.rank_layer import guard_recomputation
 from ..controllers import RankController
+from ..controllers.base import STATE_FILE
+from ..io import atomic_path
 
-STATE_FILE = "flexrank_controller.pt"
 
 
 class _ControllerCallback(TrainerCallback):
@@ -84,7 +83,8 @@ class _CompleteCheckpoints(TrainerCallback):
         if args.should_save and not folder.is_dir():  # e.g. a hyper-parameter search trial, which flexrank has not
             raise RuntimeError(f"[flexrank] the Trainer's checkpoint is not at {folder}")
         if trainer.controller is not None and args.should_save:
-            torch.save(trainer.controller.state_dict(), folder / STATE_FILE)
+            with atomic_path(folder / STATE_FILE) as tmp:
+                torch.save(trainer.controller.state_dict(), tmp)
         trainer.accelerator.wait_for_everyone()  # every process has written its shards
         if args.should_save:
             checkpoints.mark_complete(folder, trainer.checkpoint_meta())
@@ -158,7 +158,3 @@ class FlexTrainer(PortableResume, Trainer):
             self.controller.load_state_dict(torch.load(Path(resume_from_checkpoint) / STATE_FILE, weights_only=True))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(data, indent=2, default=str))
