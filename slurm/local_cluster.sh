@@ -127,7 +127,7 @@ up() {
   rm -rf "$DIR"  # cold start: fresh state, job ids from 1
   write_config
   grep -q "$TAG" /etc/hosts || { hosts=$(cat /etc/hosts); printf '%s\n127.0.0.1 %s  %s\n' "$hosts" \
-    "$(eval echo n{1..$NODES})" "$TAG" > /etc/hosts; }  # rewritten in place: /etc/hosts may be a bind mount
+    "$(seq -f 'n%g' -s ' ' 1 "$NODES")" "$TAG" > /etc/hosts; }  # rewritten in place: /etc/hosts may be a bind mount
   mkdir -p /etc/slurm
   if [ ! -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ]; then ln -sfn "$CONF" /etc/slurm/slurm.conf; fi
   start_munge

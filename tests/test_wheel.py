@@ -119,6 +119,9 @@ def test_wheel_ships_every_package_data_file_identical_to_the_top_level_original
     assert {"recipes/analogy_shears.yaml", "recipes/nncf_shears_smollm2.json", "accelerate_configs/ddp.yaml",
             "ds_configs/zero3.json", "slurm/sweep.sbatch"} <= expected
     assert shipped_data_problems(site, ROOT, ROOT / "setup.cfg") == []
+    # users' files only: the local test cluster (run as root, it rewrites /etc/hosts) stays in the repository
+    record = next(site.glob("flexrank-*.dist-info")) / "RECORD"
+    assert (ROOT / "slurm" / "local_cluster.sh").exists() and "local_cluster.sh" not in record.read_text()
 
 
 def test_installed_flexrank_checks_and_trains_a_shipped_recipe_on_two_processes(installed, tiny_llama_dir):
