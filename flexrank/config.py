@@ -64,6 +64,10 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _source(self):
         from .models.assets import model_source
+        from .models.kernels import attention_dtype_problem
+
+        if (problem := attention_dtype_problem(self.attn_implementation, self.dtype)) is not None:
+            raise problem
 
         source = model_source(self.name_or_path)
         if self.revision is not None and source != "hub":

@@ -15,25 +15,41 @@ def no_cuda(monkeypatch):
 
 
 def test_auto_falls_back_to_sdpa_and_says_why():
-    impl, why = kernels.choose_attention("auto")
+    impl, why = kernels.choose_attention("auto", "bfloat16")
     assert impl == "sdpa" and "no CUDA device" in why
 
 
-def test_auto_picks_flash_attention_when_available(monkeypatch):
+def test_auto_picks_flash_attention_when_available_for_a_half_precision_model(monkeypatch):
     monkeypatch.setattr(kernels, "_flash_attn_missing", lambda: None)
-    assert kernels.choose_attention("auto")[0] == "flash_attention_2"
+    assert kernels.choose_attention("auto", "bfloat16")[0] == "flash_attention_2"
+    assert kernels.choose_attention("auto", "float16")[0] == "flash_attention_2"
+    # flash-attn takes half precision only: an fp32 model (the default recipe) gets SDPA, with the reason
+    assert kernels.choose_attention("auto", "float32") == (
+        "sdpa", "auto: SDPA (model.dtype float32; flash-attn takes float16 / bfloat16 only)")
+
+
+def test_explicit_flash_attention_with_fp32_is_refused_up_front(monkeypatch):
+    from flexrank.config import load_config
+
+    monkeypatch.setattr(kernels, "_flash_attn_missing", lambda: None)  # whatever the machine
+    with pytest.raises(ConfigError, match=r"^model.attn_implementation: got 'flash_attention_2'; allowed: sdpa, "
+                                          r"eager or auto with model.dtype float32 \(flash-attn takes float16"):
+        load_config(raw={"model": {"attn_implementation": "flash_attention_2"}})
+    assert load_config(raw={"model": {"attn_implementation": "flash_attention_2", "dtype": "bfloat16"}})
+    with pytest.raises(ConfigError, match="model.dtype float32"):
+        kernels.choose_attention("flash_attention_2", "float32")
 
 
 def test_explicit_unavailable_kernel_is_a_clear_error():
     with pytest.raises(ConfigError) as exc:
-        kernels.choose_attention("flash_attention_2")
+        kernels.choose_attention("flash_attention_2", "bfloat16")
     msg = str(exc.value)
     assert "model.attn_implementation" in msg and "flash_attention_2" in msg and "sdpa" in msg and "CUDA" in msg
 
 
 def test_explicit_cpu_kernels_are_kept():
-    assert kernels.choose_attention("eager") == ("eager", "requested")
-    assert kernels.choose_attention("sdpa")[0] == "sdpa"
+    assert kernels.choose_attention("eager", "float32") == ("eager", "requested")
+    assert kernels.choose_attention("sdpa", "float32")[0] == "sdpa"
 
 
 def test_liger_only_with_cuda():

@@ -20,9 +20,14 @@ from ..shipped import SLURM, shipped_file
 
 SWEEP_FILE = "sweep.txt"
 SWEEP_SCRIPT = shipped_file(SLURM, "sweep.sbatch")
-# (metrics.json path, higher is better), the first one every run has decides the order
-RANKING = [(("after", "exact_match"), True), (("after", "accuracy"), True), (("after", "loss"), False),
-           (("train", "train_loss"), False)]
+
+
+def _ranking() -> list[tuple[tuple[str, str], bool]]:
+    """(metrics.json path, higher is better) in the order the metric resolver judges runs by (the task metrics,
+    then the held-out loss), then the training loss; the first one every finished run has decides the order."""
+    from ..evaluation.metrics import TASK_METRICS, higher_is_better
+
+    return [(("after", m), higher_is_better(m)) for m in (*TASK_METRICS, "loss")] + [(("train", "train_loss"), False)]
 
 
 def grid_points(grid: list[str]) -> list[list[str]]:
@@ -82,12 +87,13 @@ def collect(sweep_dir: Path) -> list[dict]:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         runs.append((task, dict(kv.split("=", 1) for kv in line.split()), metrics))
     finished = [m for _, _, m in runs if m]
-    ranking = next(((path, higher) for path, higher in RANKING if finished
+    ranks = _ranking()
+    ranking = next(((path, higher) for path, higher in ranks if finished
                     and all(_get(m, path) is not None for m in finished)), None)
     rows = []
     for task, overrides, metrics in runs:
         row = {"task": task, **overrides, "status": "done" if metrics else "missing"}
-        for path, _ in RANKING:
+        for path, _ in ranks:
             if (value := _get(metrics, path)) is not None:
                 row[".".join(path)] = value
         rows.append(row)

@@ -7,6 +7,16 @@ import torch
 from ..errors import ConfigError
 
 ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+FLASH_DTYPES = ("bfloat16", "float16")  # flash-attn's kernels take half precision only
+
+
+def attention_dtype_problem(requested: str, dtype: str) -> ConfigError | None:
+    """An explicit flash_attention_2 for a model in another dtype: refused up front (the recipe check), whatever
+    the machine."""
+    if requested == "flash_attention_2" and dtype not in FLASH_DTYPES:
+        return ConfigError("model.attn_implementation", requested, f"sdpa, eager or auto with model.dtype {dtype}",
+                           "flash-attn takes float16 / bfloat16 only: set model.dtype: bfloat16 to use it")
+    return None
 
 
 def _flash_attn_missing() -> str | None:
@@ -20,11 +30,16 @@ def _flash_attn_missing() -> str | None:
     return None
 
 
-def choose_attention(requested: str) -> tuple[str, str]:
-    """(attn_implementation, why). `auto` prefers flash_attention_2 and falls back to SDPA."""
+def choose_attention(requested: str, dtype: str) -> tuple[str, str]:
+    """(attn_implementation, why) for a model in `dtype`. `auto` prefers flash_attention_2 where it can run (CUDA,
+    flash-attn installed, a half-precision model) and falls back to SDPA, saying why."""
     if requested not in ATTENTION_CHOICES:
         raise ConfigError("model.attn_implementation", requested, ", ".join(ATTENTION_CHOICES))
+    if (problem := attention_dtype_problem(requested, dtype)) is not None:
+        raise problem
     missing = _flash_attn_missing()
+    if requested == "auto" and not missing and dtype not in FLASH_DTYPES:
+        return "sdpa", f"auto: SDPA (model.dtype {dtype}; flash-attn takes float16 / bfloat16 only)"
     if requested == "auto":
         return ("sdpa", f"auto: SDPA ({missing})") if missing else ("flash_attention_2", "auto: flash-attn on CUDA")
     if requested == "flash_attention_2" and missing:

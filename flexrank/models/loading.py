@@ -61,7 +61,7 @@ def load_tokenizer(cfg: ModelConfig):
 def load_base_model(cfg: ModelConfig, tokenizer, log=print):
     """The frozen base model, with the attention kernel chosen at run time (the log says which)."""
     path = _model_path(cfg)
-    attn, why = choose_attention(cfg.attn_implementation)
+    attn, why = choose_attention(cfg.attn_implementation, cfg.dtype)
     log(f"[flexrank] attention kernel: {attn} ({why})")
     kwargs = {"dtype": _dtype(cfg.dtype), "attn_implementation": attn, "trust_remote_code": cfg.trust_remote_code,
               **_quantization(cfg)}
