@@ -212,16 +212,6 @@ def check_search_space(cfg: RunConfig, module_names: list[str], nncf: dict | Non
 
 # --- data ---------------------------------------------------------------------------------------------------
 
-def task_for(cfg: RunConfig):
-    """The bundled task the recipe names, which must suit model.task_type."""
-    from .data.tasks import get_task
-
-    task = get_task(cfg.data.task)
-    expected = "seq_cls" if task.kind == "classification" else "causal_lm"
-    if cfg.model.task_type != expected:
-        raise ConfigError("data.task", cfg.data.task, f"a task for model.task_type {cfg.model.task_type!r}",
-                          f"{cfg.data.task} is a {task.kind} task: set model.task_type: {expected}")
-    return task
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -231,6 +221,8 @@ def check_data(cfg: RunConfig) -> None:
 
     d = cfg.data
     if d.task:
+        from .data.tasks import task_for
+
         task_for(cfg)
         return
     columns = dict(d.columns or {})

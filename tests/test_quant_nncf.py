@@ -33,7 +33,8 @@ def compressed(tiny_llama, method="elastic"):
     cfg = nncf_config(method)
     model = quant_nncf.compress(tiny_llama, cfg, sample())
     return cfg, model, quant_nncf.build_controller(cfg, model, StepPlan(
-        steps_per_epoch=10, total_steps=10, seed=cfg.training["seed"], learning_rate=cfg.training["learning_rate"]))
+        steps_per_epoch=10, total_steps=10, gradient_accumulation_steps=1, seed=cfg.training["seed"],
+        learning_rate=cfg.training["learning_rate"]))
 
 
 @pytest.mark.parametrize("method", ["lora", "elastic"])

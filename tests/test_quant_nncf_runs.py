@@ -90,7 +90,10 @@ def test_qat_run_eval_reproduces_its_metrics_and_export_writes_the_chosen_subnet
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["loss"] == pytest.approx(m["subnets"]["heuristic"]["loss"], abs=1e-5)
     ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(2))
-    run([sys.executable, "-m", "flexrank", "export", str(runs["qat"]), "--out", str(tmp_path / "heuristic")])
+    exported = run([sys.executable, "-m", "flexrank", "export", str(runs["qat"]), "--out", str(tmp_path / "heuristic")])
+    said = json.loads(exported.stdout.strip().splitlines()[-1])  # where the model is, not where it was written first
+    assert said == {"int4_model": str(tmp_path / "heuristic" / "model.pt"),
+                    "int4_model_bytes": (tmp_path / "heuristic" / "model.pt").stat().st_size}
     run([sys.executable, "-m", "flexrank", "export", str(runs["qat"]), "--out", str(tmp_path / "minimal"),
          "--subnet", "minimal"])
     trained = logits(runs["qat"] / "int4_model" / "model.pt", ids)  # written at the end of training

@@ -259,7 +259,7 @@ class _Int4Model:
         summary = {}
         model = self.int4_model(tokenizer)
         save_export(out, lambda folder: summary.update(save_int4(model, tokenizer, folder)), {})
-        return summary
+        return {**summary, "int4_model": str(Path(out) / "model.pt")}  # written in a temporary folder, then moved
 
 
 class _Qat(_Int4Model):

@@ -1,7 +1,6 @@
 """The methods peft ships (LoRA, DoRA, rsLoRA, MiSS/BAT) and the peft config of every method: the rank-controlled
 methods use flexrank's rank layer inside peft's LoRA, so peft's save, load, merge and QLoRA paths keep working."""
 
-
 import torch
 from peft import LoraConfig, MissConfig, TaskType, get_peft_model
 
@@ -42,7 +41,6 @@ def apply_adapter(model, cfg: AdapterConfig, task_type: str):
                 elif ".lora_A." in name or ".lora_B." in name:
                     param.normal_(mean=0.0, std=0.02)
     return peft_model
-
 
 
 class PeftMethod(AdapterMethod):

@@ -18,17 +18,18 @@ from ..elastic.search_space import elastic_space
 from ..errors import ConfigError
 from ..evaluation.metrics import summary_line
 from ..io import atomic_path, write_atomic
-from .method import AdapterMethod
-from .peft_methods import apply_adapter
+from .peft_methods import PeftMethod
 from .rank_layer import rank_layers, register_rank_layer
 from .rank_report import write_rank_report
 
 SUPERNET = "supernet"
 
 
-class RankMethod(AdapterMethod):
+class RankMethod(PeftMethod):
+    """peft's LoRA with flexrank's rank layer (adapter_config registers it), and a controller."""
+
     def build(self, base_model, plan: StepPlan, sample) -> None:
-        self.model = apply_adapter(base_model, self.cfg.adapter, self.cfg.model.task_type)
+        super().build(base_model, plan, sample)
         self.controller = self.make_controller(plan)
 
     def make_controller(self, plan: StepPlan):

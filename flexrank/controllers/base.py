@@ -20,9 +20,9 @@ class StepPlan:
     """What controllers need to know of the training schedule (read from the run's TrainingArguments)."""
     steps_per_epoch: int
     total_steps: int
-    gradient_accumulation_steps: int = 1
-    seed: int = 42
-    learning_rate: float = 1e-3
+    gradient_accumulation_steps: int
+    seed: int
+    learning_rate: float
 
 
 class RankController:

@@ -14,8 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..io import cache_dir
-from ..io import atomic_path, write_atomic
+from ..io import atomic_path, cache_dir, write_atomic
 
 
 def analogies_file() -> Path:

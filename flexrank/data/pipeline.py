@@ -9,6 +9,7 @@ import torch
 from . import records as data_lib
 from .tokenized import Tokenized, content_key, tokenize_cached
 from .sources import Source, fingerprint_of, mix, read_source
+from .tasks import task_for
 from ..errors import ConfigError
 
 
@@ -38,8 +39,6 @@ def load_data(cfg) -> RunData:
 
     d = cfg.data
     if d.task:
-        from ..checks import task_for
-
         task = task_for(cfg)
         train, held_out = task.split_fn(seed=d.seed, eval_size=d.eval_size, train_size=d.train_size)
         return RunData(task.kind, [TrainPart(Dataset.from_list(train), content_key(train))], held_out,

@@ -112,3 +112,13 @@ def _polarity_rows() -> list[dict]:
 def _check_size(key: str, value: int, available: int) -> None:
     if not 0 < value <= available:
         raise ConfigError(key, value, f"1..{available}", "that many examples are available for this split")
+
+
+def task_for(cfg):
+    """The bundled task the recipe names, which must suit model.task_type."""
+    task = get_task(cfg.data.task)
+    expected = "seq_cls" if task.kind == "classification" else "causal_lm"
+    if cfg.model.task_type != expected:
+        raise ConfigError("data.task", cfg.data.task, f"a task for model.task_type {cfg.model.task_type!r}",
+                          f"{cfg.data.task} is a {task.kind} task: set model.task_type: {expected}")
+    return task

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import records as data_lib
-from ..io import cache_dir
-from ..io import atomic_path
+from ..io import atomic_path, cache_dir
 from ..distributed import env
 
 FORMAT_VERSION = 1  # bump when the tokenization below changes, so old cache entries are not reused

@@ -16,9 +16,9 @@ from importlib.metadata import version
 
 import torch
 
-BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")  # distributed.backend names
-
 from . import env
+
+BACKENDS = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")  # distributed.backend names
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

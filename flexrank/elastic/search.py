@@ -149,18 +149,15 @@ class SubnetScorer:
     """The metric of one subnet on fixed held-out records, computed by the code that evaluates a run (the metric
     `search.metric` names: any the run reports; auto: the run's task metric). Only the masks change between subnets."""
 
-    def __init__(self, cfg, model, tokenizer, controller, run_data, records: list[dict]):
+    def __init__(self, cfg, model, tokenizer, controller, run_data, records: list[dict],
+                 metric: tuple[list[str], str]):
+        """`metric`: (the eval metrics to compute, the result key scored), from run_metric."""
         from ..data import records as data_lib
         from ..data.pipeline import tokenize
 
         self.cfg, self.model, self.tokenizer, self.controller = cfg, model, tokenizer, controller
         self.kind, self.records = run_data.kind, records
-        if self.kind == "classification":
-            if cfg.search.metric not in ("auto", "accuracy"):
-                raise ConfigError("search.metric", cfg.search.metric, "auto or accuracy for a classification run")
-            self.name, self.compute, self.higher_is_better = "accuracy", [], True
-            return
-        self.compute, self.name = run_metric(cfg, run_data, tokenizer)
+        self.compute, self.name = metric
         self.higher_is_better = metrics_lib.higher_is_better(self.name)
         self.labels = metrics_lib.label_set(cfg.eval.choices, itertools.chain(run_data.train_records(),
                                                                             run_data.eval)) \
@@ -169,8 +166,8 @@ class SubnetScorer:
         self.collator = data_lib.make_collator(tokenizer, False)
 
     def identity(self) -> dict:
-        return {"metric": self.name, "computed": self.compute, "records": self.records, "labels": self.labels
-                if self.kind != "classification" else None, "max_new_tokens": self.cfg.eval.max_new_tokens,
+        return {"metric": self.name, "computed": self.compute, "records": self.records, "labels": self.labels,
+                "max_new_tokens": self.cfg.eval.max_new_tokens,
                 "max_length": self.cfg.data.max_length}
 
     def __call__(self, config: dict[str, int]) -> float:
@@ -192,7 +189,12 @@ class SubnetScorer:
 
 
 def run_metric(cfg, run_data, tokenizer) -> tuple[list[str], str]:
-    """(the eval metrics to compute, the result key scored) for search.metric on this run."""
+    """(the eval metrics to compute, the result key scored) for search.metric on this run; a classifier has only its
+    accuracy (computed by its own loop)."""
+    if run_data.kind == "classification":
+        if cfg.search.metric not in ("auto", "accuracy"):
+            raise ConfigError("search.metric", cfg.search.metric, "auto or accuracy for a classification run")
+        return [], "accuracy"
     resolved = metrics_lib.resolve(cfg.eval.metrics, run_data.kind, bool(cfg.data.task), run_data.eval, tokenizer,
                                    cfg.eval.max_new_tokens)
     return metrics_lib.metric_to_score(cfg.search.metric, resolved)
@@ -284,15 +286,15 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     space = controller.space
     run_data = load_data(cfg)
 
-    scorer_name = run_metric(cfg, run_data, tokenizer)[1] if run_data.kind != "classification" else "accuracy"
-    settings = resolve_settings(cfg, metrics_lib.higher_is_better(scorer_name))
+    metric = run_metric(cfg, run_data, tokenizer)
+    settings = resolve_settings(cfg, metrics_lib.higher_is_better(metric[1]))
     held_out, start = run_data.eval, settings.eval_offset
     size = settings.eval_size if settings.eval_size is not None else len(held_out) - start - settings.test_size
     if size <= 0 or start + size + settings.test_size > len(held_out):
         raise ConfigError("search.eval_size", settings.eval_size,
                           f"eval_offset + eval_size + test_size <= the run's {len(held_out)} held-out records",
                           f"eval_offset={start}, test_size={settings.test_size}")
-    scorer = SubnetScorer(cfg, model, tokenizer, controller, run_data, held_out[start:start + size])
+    scorer = SubnetScorer(cfg, model, tokenizer, controller, run_data, held_out[start:start + size], metric)
     out = run_dir / "search"
     setup_id = digest(_file_digest(run_dir / "supernet" / "adapter_model.safetensors"), scorer.identity(),
                       [(g.name, g.widths) for g in space.groups])
@@ -343,7 +345,7 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
                                  "source": r.source} for r in front_rows(rows, "macs", scorer.higher_is_better)]}
     if settings.test_size:
         test_records = held_out[start + size:start + size + settings.test_size]
-        summary["test"] = _test(SubnetScorer(cfg, model, tokenizer, controller, run_data, test_records), out, {
+        summary["test"] = _test(SubnetScorer(cfg, model, tokenizer, controller, run_data, test_records, metric), out, {
             "chosen": best.row.config, "heuristic": baselines["heuristic"], "maximal": baselines["maximal"]},
             workers, costs, space)
     if workers.main:

@@ -7,8 +7,7 @@
 import importlib.util
 from pathlib import Path
 
-from ..io import atomic_path
-from ..io import cache_dir
+from ..io import atomic_path, cache_dir
 from ..errors import ConfigError
 from .hub import is_hub_id, snapshot
 
