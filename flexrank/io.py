@@ -4,6 +4,10 @@ Every output (a result, a cache entry, a checkpoint file, an export) is written 
 renamed over it: a reader (export, eval, a resumed run, another process) sees the previous version or the new one,
 never a half-written file or folder, even when the writer is killed midway. The cache folder holds expensive shared
 artefacts (converted models, fetched data sets, tokenized data).
+
+Output folders (a run's adapter/, supernet/, sparse_base/ and search/, an export, a compacted model) carry a
+marker: flexrank replaces or writes into such a folder only when it is new, empty or marked, and checks that
+before any work, so an output path pointed at the wrong folder loses nothing.
 """
 
 import json
@@ -12,6 +16,11 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .errors import ConfigError
+
+OWNED_MARKER = ".flexrank"  # in every output folder flexrank writes: the only non-empty folders it replaces
+LEGACY_MARKERS = ("flexrank_export.json",)  # exports written before the marker existed carry their summary
 
 
 def _remove(path: Path) -> None:
@@ -47,6 +56,39 @@ def atomic_path(dest: str | Path, keep_existing: bool = False) -> Iterator[Path]
         _remove(old)
     else:
         os.replace(tmp, dest)
+
+
+def is_replaceable(folder: Path) -> bool:
+    """A folder flexrank may replace or write into: absent, empty, or marked as written by flexrank."""
+    folder = Path(folder)
+    if not folder.exists():
+        return True
+    return folder.is_dir() and not folder.is_symlink() and (
+        not any(folder.iterdir()) or any((folder / m).is_file() for m in (OWNED_MARKER, *LEGACY_MARKERS)))
+
+
+def refuse_foreign(folder: str | Path, key: str) -> None:
+    """A ConfigError naming `folder` (set by `key`) when it holds files flexrank did not write."""
+    if not is_replaceable(Path(folder)):
+        raise ConfigError(key, str(folder), f"a new or empty folder, or one flexrank wrote (with {OWNED_MARKER})",
+                          "it holds other files, which flexrank will not replace or delete; move it or choose "
+                          "another path")
+
+
+def mark_owned(folder: str | Path) -> None:
+    """Mark a folder as written by flexrank (see refuse_foreign)."""
+    (Path(folder) / OWNED_MARKER).write_text("written by flexrank; it may replace this folder\n")
+
+
+@contextmanager
+def output_folder(dest: str | Path, key: str) -> Iterator[Path]:
+    """A fresh, marked folder for the caller to fill, swapped in whole for `dest` when the block ends; a foreign
+    `dest` is refused first (callers check it up front too, before any work: refuse_foreign)."""
+    refuse_foreign(dest, key)
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        mark_owned(tmp)
+        yield tmp
 
 
 def write_atomic(dest: str | Path, data: str | bytes) -> None:

@@ -21,7 +21,7 @@ from .distributed.backends import apply_cpu_shims, backend_of, full_state_dict, 
 from .evaluation.metrics import evaluate_run, summary_line
 from .evaluation.scoring import evaluate_loss
 from .evaluation.sharding import current_shard
-from .io import atomic_path, write_atomic, write_json
+from .io import output_folder, refuse_foreign, write_atomic, write_json
 from .models.loading import count_parameters, load_base_model, load_tokenizer
 from .training.arguments import resume_point, step_plan, training_arguments
 from .training.trainer import FlexTrainer
@@ -37,6 +37,9 @@ def train(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     out = Path(cfg.training["output_dir"])
+    method = method_for(cfg)
+    for folder in method.output_folders + ((SPARSE_BASE,) if cfg.adapter.sparsity else ()):
+        refuse_foreign(out / folder, "training.output_dir")  # before any work: replaced when the run ends
     apply_cpu_shims()
     resume = resume_point(cfg, out)
     args = training_arguments(cfg, resume.overrides)  # validates the training section before anything heavy
@@ -65,7 +68,6 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     if cfg.adapter.sparsity:
         n = min(cfg.adapter.sparsity.calibration_samples, len(train_set))
         metrics["sparsity"] = _sparsify(cfg, model, tokenizer, eval_collator([train_set[i] for i in range(n)]), out)
-    method = method_for(cfg)
     method.build(model, step_plan(args, len(train_set)), lambda: eval_collator([train_set[0]]))
     metrics["parameters"] = count_parameters(method.model)
 
@@ -113,7 +115,7 @@ def _sparsify(cfg: RunConfig, model, tokenizer, calibration: dict, out: Path) ->
     report.pop("per_module", None)
     print(f"[flexrank] Wanda: base sparsity {report['ratio_achieved']:.4f}")
     if env.is_main_process():
-        with atomic_path(out / SPARSE_BASE) as tmp:
+        with output_folder(out / SPARSE_BASE, "training.output_dir") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     return report

@@ -18,27 +18,18 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from ..io import atomic_path
+from ..io import output_folder
 from ..errors import ConfigError
 from .rank_layer import rank_layers
 
 _PEFT_PREFIX = "base_model.model."
-EXPORT_MARKER = "flexrank_export.json"  # in every folder flexrank exports: only such folders may be replaced
-
-
-def refuse_foreign_folder(out: Path, key: str) -> None:
-    """Replacing an export deletes the folder: allowed only for a new or empty folder or a previous export."""
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / EXPORT_MARKER).is_file())):
-        raise ConfigError(key, str(out), "a new or empty folder, or a previous flexrank export (with "
-                          f"{EXPORT_MARKER})", "it holds other files, which flexrank will not delete")
+EXPORT_MARKER = "flexrank_export.json"  # every export's summary (what it holds)
 
 
 def save_export(out: str | Path, write, summary: dict, key: str = "--out") -> None:
-    """`write(folder)` fills a fresh folder, marked as an export, that then replaces `out` whole."""
-    out = Path(out)
-    refuse_foreign_folder(out, key)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    """`write(folder)` fills a fresh folder, marked as flexrank's and holding the export's summary, that then
+    replaces `out` whole (refused, before anything is written, when `out` holds files flexrank did not write)."""
+    with output_folder(out, key) as tmp:
         write(tmp)
         (tmp / EXPORT_MARKER).write_text(json.dumps(summary, indent=1))
 

@@ -12,6 +12,7 @@ from .export import NothingToExport, export_plain_adapter
 
 class AdapterMethod:
     model_dir = "adapter"   # what a finished run holds as its trained model (relative to the run folder)
+    output_folders: tuple[str, ...] = ("adapter",)  # every folder a run of this method writes (and replaces)
     has_subnets = False     # whether any subnet can be activated, evaluated, searched and exported
 
     def __init__(self, cfg: RunConfig):

@@ -17,7 +17,7 @@ from ..elastic.base_masks import BaseMasks
 from ..elastic.search_space import elastic_space
 from ..errors import ConfigError
 from ..evaluation.metrics import summary_line
-from ..io import atomic_path, write_atomic
+from ..io import output_folder, write_atomic
 from .peft_methods import PeftMethod
 from .rank_layer import rank_layers, register_rank_layer
 from .rank_report import write_rank_report
@@ -27,6 +27,7 @@ SUPERNET = "supernet"
 
 class RankMethod(PeftMethod):
     """peft's LoRA with flexrank's rank layer (adapter_config registers it), and a controller."""
+    output_folders = ("adapter", SUPERNET)
 
     def build(self, base_model, plan: StepPlan, sample) -> None:
         super().build(base_model, plan, sample)
@@ -36,8 +37,7 @@ class RankMethod(PeftMethod):
         raise NotImplementedError
 
     def save_trained_state(self, out: Path, full_state: dict) -> None:
-        with atomic_path(out / SUPERNET) as tmp:  # the whole rank-controlled adapter (all ranks, gates)
-            tmp.mkdir()
+        with output_folder(out / SUPERNET, "training.output_dir") as tmp:  # all ranks, gates: the whole adapter
             save_file({k: v.contiguous() for k, v in
                        get_peft_model_state_dict(self.model, state_dict=full_state).items()},
                       tmp / "adapter_model.safetensors")

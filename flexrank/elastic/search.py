@@ -23,11 +23,12 @@ from ..evaluation import metrics as metrics_lib
 from .search_space import read_nncf_json
 from .cost import CostModel, subnet_cost
 from .nsga import NSGASettings, nsga2
-from ..io import write_json
+from ..io import mark_owned, refuse_foreign, write_json
 from .results import EvalCache, Row, config_key, digest, front_rows, plot, select_best, write_csv
 
 # NNCF BootstrapNAS's search defaults (v2.19 search.py). acc_delta: NNCF's 1 point of percent accuracy, here a
 # fraction (LoNAS writes fractions: ref_acc 0.45, acc_delta 0.01). ref_acc -1: the maximal subnet's metric.
+SEARCH_DIR = "search"  # in the run folder: progression, best subnet, evaluation cache
 NNCF_DEFAULTS = {**asdict(NSGASettings()), "ref_acc": -1.0, "acc_delta": 0.01}
 _NNCF_SEARCH = "bootstrapNAS.search"
 _NNCF_KEYS = set(NNCF_DEFAULTS) | {"algorithm", "num_constraints", "batchnorm_adaptation"}
@@ -259,6 +260,7 @@ def load_search_config(run_dir: Path, overrides: list[str]):
                           f"this run's adapter.method is {cfg.adapter.method!r}: it has no subnets to search")
     if not (run_dir / "supernet").exists():
         raise ConfigError("run_dir", str(run_dir), "a run with a supernet/ folder (written when training ends)")
+    refuse_foreign(run_dir / SEARCH_DIR, "search output (RUN_DIR/search)")
     # Bad settings fail before the model loads ('auto' is known once the data is: bundled tasks have a task metric).
     resolve_settings(cfg, bool(cfg.data.task) if cfg.search.metric == "auto" else
                      metrics_lib.higher_is_better(cfg.search.metric))
@@ -295,7 +297,10 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
                           f"eval_offset + eval_size + test_size <= the run's {len(held_out)} held-out records",
                           f"eval_offset={start}, test_size={settings.test_size}")
     scorer = SubnetScorer(cfg, model, tokenizer, controller, run_data, held_out[start:start + size], metric)
-    out = run_dir / "search"
+    out = run_dir / SEARCH_DIR
+    if workers.main:
+        out.mkdir(exist_ok=True)
+        mark_owned(out)
     setup_id = digest(_file_digest(run_dir / "supernet" / "adapter_model.safetensors"), scorer.identity(),
                       [(g.name, g.widths) for g in space.groups])
     cache = EvalCache(out / "cache" / f"{setup_id}.jsonl")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..shipped import find_recipe
 from ..errors import ConfigError
+from ..io import refuse_foreign
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -166,7 +167,7 @@ def _prepare(args) -> None:
 
 
 def _export(args) -> None:
-    from ..adapters.export import refuse_foreign_folder, save_export
+    from ..adapters.export import save_export
     from ..adapters.registry import load_run, method_for
     from ..config import load_config
 
@@ -176,7 +177,7 @@ def _export(args) -> None:
         raise ConfigError("--keep-adapter", True, "only with --compact DIR")
     for key, folder in (("--out", args.out), ("--merge-sparse", args.merge_sparse), ("--compact", args.compact)):
         if folder:
-            refuse_foreign_folder(Path(folder), key)  # before the model loads
+            refuse_foreign(folder, key)  # before the model loads
     method_for(load_config(Path(args.run_dir) / "config.yaml")).check_export(args.out, args.compact, args.merge_sparse)
     run = load_run(args.run_dir)
     method = run.method
