@@ -28,6 +28,7 @@ from . import manifest as checkpoints
 from ..io import atomic_path
 from ..distributed.backends import _full, backend_of, link_zero12_optimizer_state, unwrap_optimizer
 from ..errors import ConfigError
+from ..training.trainer_internals import CheckpointLoading, rewind_scheduler
 
 PORTABLE_FILE = "flexrank_portable.pt"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -151,7 +152,7 @@ def load(trainer, ckpt: Path) -> None:
                 saved = state["optimizer"][name]
                 opt.state[p] = {"step": _step_tensor(saved["step"], group_of[p], p),
                                 **{k: _local(saved[k], p) for k in ADAM_KEYS}}
-    _load_scheduler(trainer, state["scheduler"])
+    rewind_scheduler(trainer.lr_scheduler, state["scheduler"])
 
 
 def _load_into_zero(trainer, named: dict, state: dict) -> None:
@@ -177,43 +178,18 @@ def _load_into_zero(trainer, named: dict, state: dict) -> None:
             safe_set_full_optimizer_state(p, state["optimizer"][name][key], key)
 
 
-def _load_scheduler(trainer, saved: dict) -> None:
-    """The schedule's position from the checkpoint; the per-group lists (base LRs) stay this run's, as backends
-    may hold different numbers of parameter groups (DeepSpeed drops empty ones). Stepping from the previous
-    position sets every group's LR to its value at the checkpoint."""
-    scheduler = trainer.lr_scheduler
-    own = scheduler.state_dict()
-    merged = {k: own.get(k, v) if isinstance(v, list) else v for k, v in saved.items()}
-    merged["last_epoch"] -= 1
-    merged["_step_count"] = merged.get("_step_count", 2) - 1
-    scheduler.load_state_dict(merged)
-    scheduler.step()
-
-
-class PortableResume:
-    """Trainer mixin: resume through PORTABLE_FILE when the checkpoint's layout differs from this run's.
-    The Trainer keeps resume_from_checkpoint for trainer_state.json (global step, epoch, batches to skip) and
-    the RNG files; only its model and optimizer loading is replaced (transformers 5: `_load_from_checkpoint`
-    before accelerate.prepare, DeepSpeed's engine.load_checkpoint / FSDP loading and the optimizer and
-    scheduler files in `_prepare_for_training`)."""
-
-    _portable_resume = False
+class PortableResume(CheckpointLoading):
+    """Trainer mixin: resume through PORTABLE_FILE when the checkpoint's layout differs from this run's. The
+    Trainer keeps resume_from_checkpoint for trainer_state.json (global step, epoch, batches to skip) and the RNG
+    files; only its model, optimizer and scheduler loading is replaced (trainer_internals.CheckpointLoading)."""
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        self._portable_resume = bool(resume_from_checkpoint) and layout_changed(
+        self.replaces_checkpoint_loading = bool(resume_from_checkpoint) and layout_changed(
             Path(resume_from_checkpoint), backend_of(self), self.args.world_size)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not self._portable_resume:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        if not self._portable_resume:
-            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
-        load(self, Path(resume_from_checkpoint))
+    def load_replaced_checkpoint(self, checkpoint: Path) -> None:
+        load(self, checkpoint)
         if self.is_world_process_zero():
-            print(f"[flexrank] resume: loaded the trainable state from {Path(resume_from_checkpoint) / PORTABLE_FILE} "
+            print(f"[flexrank] resume: loaded the trainable state from {checkpoint / PORTABLE_FILE} "
                   f"(written under another backend or world size)")
-        return model, train_dataloader

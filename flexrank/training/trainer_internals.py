@@ -1,0 +1,147 @@
+"""The transformers Trainer's private methods flexrank overrides, and the LR scheduler state keys it edits: the only
+module that does either (tests/test_internals.py fails on a private override or a private state key anywhere
+else). `private_api_problems()` checks each by behaviour, on a tiny model, and names the dependency and version
+when an upgrade changes it.
+
+- `CheckpointLoading` replaces the Trainer's model, optimizer and scheduler loading on resume (transformers 5:
+  `_load_from_checkpoint` before accelerate.prepare, then DeepSpeed's engine.load_checkpoint / FSDP loading and
+  the optimizer and scheduler files in `_prepare_for_training`), keeping the rest (trainer_state.json, RNG files,
+  skipping the trained batches). No public hook does this: callbacks run after the loading.
+- `rewind_scheduler` moves a scheduler (transformers' get_scheduler: a torch LambdaLR) to a saved position through
+  its state dict keys `last_epoch` and `_step_count`.
+"""
+
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, get_scheduler
+
+
+class CheckpointLoading:
+    """Trainer mixin: with `replaces_checkpoint_loading` set (before train()), the Trainer loads no model,
+    optimizer or scheduler file of the checkpoint; `load_replaced_checkpoint(checkpoint)` is called instead, once
+    the optimizer, the engine and the scheduler exist (every process)."""
+
+    replaces_checkpoint_loading = False
+
+    def load_replaced_checkpoint(self, checkpoint: Path) -> None:
+        raise NotImplementedError
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.replaces_checkpoint_loading:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if not (self.replaces_checkpoint_loading and resume_from_checkpoint):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        self.load_replaced_checkpoint(Path(resume_from_checkpoint))
+        return model, train_dataloader
+
+
+def rewind_scheduler(scheduler, saved: dict) -> None:
+    """Put `scheduler` at the position of its `saved` state dict; the per-group lists (base LRs) stay its own, as
+    backends may hold different numbers of parameter groups (DeepSpeed drops empty ones). It is set one step
+    back, then stepped, so every group's LR is its value at the saved position."""
+    own = scheduler.state_dict()
+    merged = {k: own.get(k, v) if isinstance(v, list) else v for k, v in saved.items()}
+    merged["last_epoch"] -= 1
+    merged["_step_count"] = merged.get("_step_count", 2) - 1
+    scheduler.load_state_dict(merged)
+    scheduler.step()
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+
+    def forward(self, x, y):
+        return {"loss": ((self.linear(x).squeeze(-1) - y) ** 2).mean()}
+
+
+class _FirstStepWeight(TrainerCallback):
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.seen.setdefault("first_step_weight", model.linear.weight.detach().clone())
+
+
+def _resume_problems() -> list[str]:
+    """Train a tiny model 2 steps with a checkpoint each, then resume from the first with and without
+    CheckpointLoading's replacement: what each loads, and when."""
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(2), "y": torch.randn(())} for _ in range(8)]
+    seen: dict = {}
+
+    class Probe(CheckpointLoading, Trainer):
+        def load_replaced_checkpoint(self, checkpoint: Path) -> None:
+            seen.update(checkpoint=checkpoint, optimizer_state=len(self.optimizer.state),
+                        scheduler_epoch=self.lr_scheduler.last_epoch, weight=self.model.linear.weight.detach().clone())
+
+    def trainer(out: str, replace: bool, seed: int) -> Probe:
+        torch.manual_seed(seed)
+        args = TrainingArguments(out, max_steps=2, save_steps=1, per_device_train_batch_size=4, report_to=[],
+                                 use_cpu=True, disable_tqdm=True, logging_strategy="no")
+        probe = Probe(model=_Tiny(), args=args, train_dataset=data, callbacks=[_FirstStepWeight(seen)])
+        probe.remove_callback(PrinterCallback)
+        probe.replaces_checkpoint_loading = replace
+        return probe
+
+    problems = []
+    with tempfile.TemporaryDirectory() as out:
+        trainer(out, False, 0).train()
+        ckpt = Path(out) / "checkpoint-1"
+        saved = load_file(ckpt / "model.safetensors")["linear.weight"]
+        replaced = trainer(out, True, 1)
+        initial = replaced.model.linear.weight.detach().clone()
+        seen.clear()
+        replaced.train(resume_from_checkpoint=str(ckpt))
+        if seen.get("checkpoint") != ckpt:
+            problems.append("Trainer.train(resume_from_checkpoint) calls _prepare_for_training(max_steps, "
+                            "train_dataloader, resume_from_checkpoint) once the optimizer and scheduler exist")
+        elif seen["optimizer_state"] or seen["scheduler_epoch"] != 0 or not torch.equal(seen["weight"], initial):
+            problems.append("the model is loaded by _load_from_checkpoint and the optimizer and scheduler by "
+                            "_prepare_for_training (skipped, they were loaded anyway)")
+        if replaced.state.global_step != 2 or not torch.equal(seen.get("first_step_weight"), initial):
+            problems.append("a replaced loading still resumes the Trainer's state (global step) and loads no weights")
+        seen.clear()
+        trainer(out, False, 1).train(resume_from_checkpoint=str(ckpt))
+        if "checkpoint" in seen or not torch.equal(seen.get("first_step_weight"), saved):
+            problems.append("without the replacement the Trainer loads the checkpoint's model")
+    return [f"transformers {version('transformers')}: {p} no longer holds (used by trainer_internals."
+            f"CheckpointLoading)" for p in problems]
+
+
+def _scheduler_problems() -> list[str]:
+    """A linear warm-up schedule stepped 3 times, and a fresh one rewound to its saved state: same position and LR."""
+    def scheduler():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+
+    ran = scheduler()
+    for _ in range(3):
+        ran.optimizer.step()
+        ran.step()
+    fresh = scheduler()
+    rewind_scheduler(fresh, ran.state_dict())
+    if fresh.last_epoch != ran.last_epoch or fresh.get_last_lr() != ran.get_last_lr():
+        return [f"torch {version('torch')}: an LR scheduler's state dict keeps its position in last_epoch and "
+                f"_step_count no longer holds (used by trainer_internals.rewind_scheduler)"]
+    return []
+
+
+def private_api_problems() -> list[str]:
+    """One line per internal above that no longer behaves as flexrank relies on (empty when all do)."""
+    problems = []
+    for check, dependency in ((_resume_problems, "transformers"), (_scheduler_problems, "torch")):
+        try:
+            problems += check()
+        except Exception as exc:  # e.g. a renamed method: the check itself cannot run
+            problems.append(f"{dependency} {version(dependency)}: {check.__doc__.split(':')[0].strip()} failed: "
+                            f"{type(exc).__name__}: {exc}")
+    return problems
