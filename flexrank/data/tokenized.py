@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import records as data_lib
+from . import cache, records as data_lib
 from ..io import atomic_path, cache_dir
 from ..distributed import env
 
@@ -48,6 +48,7 @@ def tokenize_cached(ds, tokenizer, data_cfg, kind: str, source_key: str, name: s
                 data_cfg.response_only_loss, data_cfg.truncation, data_cfg.min_prompt_length]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
     target = cache_dir("tokenized") / key
+    cache.hold(target)  # in use until this process exits: eviction and `flexrank cache --clear` leave it
     if main_process_first is None:
         from accelerate import PartialState
 
@@ -56,6 +57,9 @@ def tokenize_cached(ds, tokenizer, data_cfg, kind: str, source_key: str, name: s
         built = not (target / STATS_FILE).exists()
         if built:
             _build(ds, tokenizer, data_cfg, kind, target)
+            for entry in cache.evict("tokenized"):
+                print(f"[flexrank] cache: evicted {entry.path} ({cache.format_bytes(entry.bytes)}, least recently "
+                      f"used; FLEXRANK_CACHE_MAX_GB caps tokenized data)", flush=True)
         from datasets import load_from_disk
 
         t0 = time.perf_counter()

@@ -5,9 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ..shipped import find_recipe
+from ..data.cache import CATEGORIES as CACHE_CATEGORIES
 from ..errors import ConfigError
 from ..io import refuse_foreign
 
@@ -60,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="search.KEY=VALUE",
                    help="override a search setting, e.g. --set search.num_evals=200 (repeatable)")
     p.add_argument("--nproc", type=int, help="processes splitting the subnets (re-launches through accelerate, DDP)")
+    p = sub.add_parser("cache", help="list the flexrank cache ($FLEXRANK_CACHE) by category and entry, or clear it "
+                       "(entries in use by a running job are kept)")
+    p.add_argument("--category", choices=CACHE_CATEGORIES, help="only this category")
+    p.add_argument("--older-than", metavar="AGE", help="only entries last used longer ago than AGE (7d, 12h, 30m)")
+    p.add_argument("--entries", action="store_true", help="list every entry: size, last use, whether in use")
+    p.add_argument("--clear", action="store_true", help="delete the selected entries")
     return parser
 
 
@@ -256,8 +264,23 @@ def _search(args) -> int:
     return 0
 
 
+def _cache(args) -> None:
+    from ..data import cache
+
+    chosen = cache.entries(args.category)
+    if args.older_than:
+        cutoff = time.time() - cache.older_than(args.older_than)
+        chosen = [e for e in chosen if e.last_used < cutoff]
+    if not args.clear:
+        print(cache.report(chosen, each=args.entries))
+        return
+    removed, in_use = cache.remove(chosen)
+    print(f"[flexrank] cache: removed {len(removed)} entries ({cache.format_bytes(sum(e.bytes for e in removed))})"
+          + (f"; kept {len(in_use)} in use by a running job: {', '.join(str(e.path) for e in in_use)}" if in_use else ""))
+
+
 COMMANDS = {"train": _train, "check": _check, "prepare": _prepare, "export": _export, "eval": _eval,
-            "slurm": _slurm, "search": _search}
+            "slurm": _slurm, "search": _search, "cache": _cache}
 
 
 def main(argv: list[str] | None = None) -> int:

