@@ -7,6 +7,7 @@ training arguments say.
 """
 
 import contextlib
+import json
 from pathlib import Path
 
 from transformers import set_seed
@@ -25,6 +26,9 @@ from .io import output_folder, refuse_foreign, write_atomic, write_json
 from .models.loading import count_parameters, load_base_model, load_tokenizer
 from .training.arguments import resume_point, step_plan, training_arguments
 from .training.trainer import FlexTrainer
+from .training.trainer_internals import save_checkpoint
+
+BEFORE_FILE = "before_metrics.json"  # the before-training evaluation, reused when the run resumes
 
 
 def train(cfg: RunConfig) -> dict:
@@ -72,7 +76,8 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     metrics["parameters"] = count_parameters(method.model)
 
     if cfg.eval.before:
-        metrics["before"] = evaluate(method.model)
+        metrics["before"] = _before_training(out, resume.checkpoint is not None, cfg.eval.model_dump(),
+                                             lambda: evaluate(method.model), main)
         if main:
             print(f"[flexrank] before training: {summary_line(metrics['before'])}")
     trainer = FlexTrainer(model=method.model, args=args, train_dataset=train_set, data_collator=collator,
@@ -82,9 +87,13 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
                                      metrics):
         trainer.add_callback(callback)
     trainer.add_callback(preemption)
-    result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
+    except Preempted as stop:  # during an evaluation within training (SoRA's stage losses)
+        raise _keep_trained_state(trainer, stop) from None
     if preemption.stopped_at is not None:  # a checkpoint, but no metrics/adapter as if the run had finished
-        raise Preempted(preemption.stopped_at, preemption.signum)
+        step = preemption.stopped_at
+        raise Preempted(preemption.signum, f"after step {step}; checkpoint-{step} saved, continue with --resume auto")
     metrics["train"] = {**result.metrics, "backend": backend_of(trainer),
                         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                         "world_size": args.world_size,
@@ -92,7 +101,10 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     full_state = full_state_dict(trainer)  # gathered from ZeRO-3 / FSDP2 shards; a collective
     if main:
         method.save_trained_state(out, full_state)
-    metrics.update(method.evaluate_after(evaluate, main))
+    try:
+        metrics.update(method.evaluate_after(evaluate, main))
+    except Preempted as stop:
+        raise _keep_trained_state(trainer, stop) from None
     if main:
         method.save(out, full_state, tokenizer, metrics)
     trainer.accelerator.wait_for_everyone()
@@ -104,6 +116,26 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     write_json(out / "metrics.json", metrics)
     print(f"[flexrank] wrote {out}/{method.model_dir}, {out}/metrics.json, {out}/config.yaml")
     return metrics
+
+
+def _before_training(out: Path, resuming: bool, eval_settings: dict, evaluate, main: bool) -> dict:
+    """The before-training metrics: evaluated once per run, kept in the run folder, so a resumed run with the same
+    eval settings (e.g. one preempted during its evaluation after training) does not evaluate them again."""
+    kept, settings = out / BEFORE_FILE, json.loads(json.dumps(eval_settings, default=str))
+    if resuming and kept.is_file() and (saved := json.loads(kept.read_text()))["eval"] == settings:
+        return saved["metrics"]
+    metrics = evaluate()
+    if main:
+        write_json(kept, {"eval": settings, "metrics": metrics})
+    return metrics
+
+
+def _keep_trained_state(trainer, stop: Preempted) -> Preempted:
+    """A signal during an evaluation after some training: checkpoint the trained state now (every process), so
+    the requeued job redoes only the interrupted evaluation."""
+    folder = save_checkpoint(trainer)
+    return Preempted(stop.signum, f"during an evaluation at step {trainer.state.global_step}; {folder.name} saved, "
+                     "continue with --resume auto (only the interrupted evaluation is redone)")
 
 
 def _sparsify(cfg: RunConfig, model, tokenizer, calibration: dict, out: Path) -> dict:

@@ -80,8 +80,8 @@ def test_a_trainer_that_loads_the_optimizer_elsewhere_is_reported(monkeypatch):
 
 def test_a_renamed_trainer_method_is_reported(monkeypatch):
     monkeypatch.delattr(transformers.Trainer, "_prepare_for_training")
-    problems = trainer_internals.private_api_problems()
-    assert len(problems) == 1 and "AttributeError" in problems[0] and problems[0].startswith("transformers ")
+    problems = trainer_internals.private_api_problems()  # both checks that train a tiny model cannot run
+    assert len(problems) == 2 and all("AttributeError" in p and p.startswith("transformers ") for p in problems)
 
 
 def test_a_scheduler_that_keeps_its_position_elsewhere_is_reported(monkeypatch):

@@ -3,6 +3,7 @@ complete checkpoint (no metrics/adapter as if finished), and `--resume auto` end
 a signal that reaches only one process still stops all of them at the same step (they agree by an all-reduce)."""
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import yaml
 from dist_helpers import assert_same_adapter, metrics, recipe, run, train_args
 
 from flexrank.checkpoints import manifest as checkpoints
@@ -93,3 +95,48 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path, elastic_ru
     assert len(stops) == 2 and stops[0] == stops[1], output[-3000:]  # rank 0 was never signalled
     _, step = only_checkpoint(stopped, output)
     assert step == int(stops[0])
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, tiny_llama_dir):
+    """(recipe, uninterrupted 2-process LoRA run) with generation-scored evaluations before and after training,
+    of 40 held-out records, 1 per batch."""
+    tmp = tmp_path_factory.mktemp("eval_preemption")
+    path = recipe(tmp, tiny_llama_dir, "lora", max_steps=2, save_strategy="no")
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["eval_size"] = 40
+    raw["eval"] = {"before": True, "after": True, "batch_size": 1, "metrics": ["loss", "exact_match"]}
+    path.write_text(yaml.safe_dump(raw))
+    run(train_args(path, tmp / "full", "ddp"))
+    return path, tmp / "full"
+
+
+def test_a_signal_during_the_evaluation_after_training_stops_within_seconds_and_resume_redoes_only_it(
+        tmp_path, evaluated_run):
+    path, full = evaluated_run
+    stopped = tmp_path / "stopped"
+    sent = []
+
+    def send(proc):  # after the last step's loss: the step boundary is past, the evaluation after training is next
+        if not sent:
+            sent.append(time.time())
+            proc.send_signal(signal.SIGUSR1)
+
+    status, output = signal_after_steps(train_args(path, stopped, "ddp"), 2, send)
+    took = time.time() - sent[0]
+    assert status == PREEMPTED_EXIT, output[-3000:]
+    assert took < 20, f"{took:.1f} s from the signal to the exit"
+    # both workers, then the launcher passing on what they kept
+    assert len(re.findall(r"stopped by SIGUSR1 during an evaluation at step 2; checkpoint-2 saved", output)) == 3
+    assert "after training:" not in output and not (stopped / "metrics.json").exists()
+    assert checkpoints.problem(stopped / "checkpoint-2") is None
+    proc = run(train_args(path, stopped, "ddp", "--resume", "auto"))
+    assert f"resume: {stopped / 'checkpoint-2'}" in proc.stdout
+    done, uninterrupted = metrics(stopped), metrics(full)
+    before_kept = json.loads((stopped / "before_metrics.json").read_text())["metrics"]
+    assert done["before"] == before_kept  # not evaluated again: the same numbers and the same recorded time
+    assert done["train"]["losses"] == pytest.approx(uninterrupted["train"]["losses"], abs=1e-6)
+    for phase in ("before", "after"):
+        assert done[phase]["exact_match"] == uninterrupted[phase]["exact_match"]
+        assert done[phase]["loss"] == pytest.approx(uninterrupted[phase]["loss"], abs=1e-6)
+    assert_same_adapter(full, stopped, atol=1e-6)

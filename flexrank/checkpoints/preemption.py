@@ -1,11 +1,14 @@
 """Preemption and time limits: SIGTERM or SIGUSR1 (what SLURM sends with `--signal=B:USR1@120`, on preemption,
-or on `scancel`) makes training stop at the next optimizer-step boundary with a complete checkpoint.
+or on `scancel`) makes training stop at the next optimizer-step boundary with a complete checkpoint, and an
+evaluation stop at its next batch.
 
-Every process only sets a flag when signalled; at each optimizer-step end all processes agree with one
+Every process only sets a flag when signalled. At each optimizer-step end all processes agree with one
 all-reduce (a process that was not signalled still stops at the same step), the Trainer saves a normal
-checkpoint and training ends. `run.train` then raises `Preempted`, so no metrics or adapter are written as if
-the run had finished, and the process exits with PREEMPTED_EXIT. A second signal only sets the flag again: it
-cannot interrupt the save (a SIGKILL still can, and then `--resume auto` passes over the incomplete checkpoint).
+checkpoint and training ends; `run.train` then raises `Preempted`, so no metrics or adapter are written as if the
+run had finished, and the process exits with PREEMPTED_EXIT. Evaluation checks before each batch, agreeing the
+same way among the processes that share the evaluation (they run the same number of batches), so no process is
+left waiting in a collective. A second signal only sets the flag again: it cannot interrupt a save (a SIGKILL
+still can, and then `--resume auto` passes over the incomplete checkpoint).
 """
 
 import signal
@@ -16,48 +19,66 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" - a checkpoint was saved, resume with --resume auto
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" - what can be resumed was saved; resubmit with --resume auto
+PREEMPTED_MARK = ".flexrank_preempted"  # written in the run folder by a process that stopped on a signal
+_received = [0]  # the signal this process got (0: none), set by the handlers catch_signals() installs
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after saving checkpoint-`step`."""
+    """A run, evaluation or search stopped on a signal; `kept` says what the requeued job continues from."""
 
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint-{step} saved, "
-                         "continue with --resume auto")
-        self.step, self.signum = step, signum
+    def __init__(self, signum: int, kept: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {kept}")
+        self.signum = signum
+
+
+def catch_signals(announce: str = "stopping at the next optimizer step or evaluation batch"):
+    """From now on SIGTERM/SIGUSR1 only set this process's flag (announced once); returns a function that puts
+    the previous handlers back."""
+    def on_signal(signum, frame):
+        if not _received[0]:
+            print(f"[flexrank] {signal.Signals(signum).name} received: {announce}", flush=True)
+        _received[0] = _received[0] or signum
+
+    _received[0] = 0
+    previous = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+
+def agreed_signal(together: bool) -> int:
+    """The signal any process got; with `together`, the same answer on every process of the group (one
+    all-reduce, which every process must reach)."""
+    if not (together and dist.is_available() and dist.is_initialized()):
+        return _received[0]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([_received[0]], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def stop_if_signalled(together: bool) -> None:
+    """Between evaluation batches: raise Preempted when a signal arrived (on any process, with `together`)."""
+    signum = agreed_signal(together)
+    if signum:
+        raise Preempted(signum, "during an evaluation")
 
 
 class PreemptionCallback(TrainerCallback):
-    """Catches SIGTERM/SIGUSR1 from construction on (a signal during model loading stops after the first step)."""
+    """Stops training at the optimizer-step boundary after a signal (caught from construction on: a signal during
+    model loading or the first evaluation stops there instead)."""
 
     def __init__(self):
-        self.signum = 0  # the signal received, 0 while none
         self.stopped_at: int | None = None
-        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+        self.restore_handlers = catch_signals()
 
-    def _on_signal(self, signum, frame):
-        if not self.signum:
-            print(f"[flexrank] {signal.Signals(signum).name} received: saving a checkpoint at the end of this "
-                  "optimizer step", flush=True)
-        self.signum = self.signum or signum
-
-    def restore_handlers(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _agreed_signal(self, device) -> int:
-        """The signal any process got, the same answer on all of them (the step's one collective)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+    @property
+    def signum(self) -> int:
+        return _received[0]
 
     def on_step_end(self, args, state, control, **kwargs):
-        agreed = self._agreed_signal(args.device)
+        agreed = agreed_signal(together=True)
         if agreed and state.global_step < state.max_steps:  # at the last step the run ends normally anyway
-            self.signum, self.stopped_at, self._save_started = agreed, state.global_step, time.time()
+            _received[0], self.stopped_at, self._save_started = agreed, state.global_step, time.time()
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -66,6 +87,3 @@ class PreemptionCallback(TrainerCallback):
         if self.stopped_at is not None and state.is_world_process_zero:
             print(f"[flexrank] checkpoint-{self.stopped_at} saved in {time.time() - self._save_started:.1f} s",
                   flush=True)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.restore_handlers()

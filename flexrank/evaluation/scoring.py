@@ -22,6 +22,7 @@ from ..data.records import (
     tokenize_classification,
     tokenize_record,
 )
+from ..checkpoints.preemption import stop_if_signalled
 from .sharding import Shard
 
 _NO_TRUNCATION = 1 << 30
@@ -51,6 +52,7 @@ def _sharded(items, batch_size: int, shard: Shard, progress, fn) -> list:
     """fn(list of items) over this process's batches (padding forwards dropped), gathered in batch order."""
     results = []
     for part in shard.batch_slices(len(items), batch_size):
+        stop_if_signalled(together=shard.world > 1)  # preemption: every process of the shard stops at this batch
         chosen = range(len(items))[part if part is not None else slice(0, batch_size)]
         out = fn([items[i] for i in chosen])
         if part is not None:

@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -115,7 +114,7 @@ def _train(args) -> int:
     from ..checks import CHECKED_ENV, already_checked, check_recipe
     from ..config import load_config
     from ..models.assets import pin_hub_model
-    from ..checkpoints.preemption import PREEMPTED_EXIT, Preempted
+    from ..checkpoints.preemption import Preempted
 
     overrides = args.overrides + [f"{key}={getattr(args, flag)}" for flag, key in _LAUNCH_FLAGS.items()
                                   if getattr(args, flag) is not None]
@@ -135,11 +134,23 @@ def _train(args) -> int:
     try:
         train(cfg)
     except Preempted as stop:
-        print(f"[flexrank] {stop}", flush=True)
-        status = PREEMPTED_EXIT
+        status = _stopped(stop, Path(cfg.training["output_dir"]))
     if in_launched_process():
         exit_distributed(status)
     return status
+
+
+def _stopped(stop, run_dir: Path) -> int:
+    """A run, evaluation or search stopped on a signal: say what was kept, mark the run folder for the launching
+    process (checkpoints/preemption.py), and exit PREEMPTED_EXIT."""
+    from ..checkpoints.preemption import PREEMPTED_EXIT, PREEMPTED_MARK
+    from ..distributed.env import is_main_process
+    from ..io import write_atomic
+
+    print(f"[flexrank] {stop}", flush=True)
+    if is_main_process():
+        write_atomic(run_dir / PREEMPTED_MARK, f"{stop}\n")
+    return PREEMPTED_EXIT
 
 
 def _check(args) -> None:
@@ -212,7 +223,18 @@ def _export(args) -> None:
         print(f"[flexrank] merged model in {args.merge_sparse}: sparsity {sparsity:.4f}")
 
 
-def _eval(args) -> None:
+def _eval(args) -> int:
+    from ..checkpoints.preemption import Preempted, catch_signals
+
+    catch_signals()  # SIGTERM/SIGUSR1: stop at the next batch, exit PREEMPTED_EXIT (nothing to keep: rerun it)
+    try:
+        _evaluate_run_dir(args)
+    except Preempted as stop:
+        return _stopped(stop, Path(args.run_dir))
+    return 0
+
+
+def _evaluate_run_dir(args) -> None:
     from ..adapters.registry import load_run
     from ..data import records as data_lib
     from ..data.pipeline import load_data, tokenize
@@ -244,6 +266,8 @@ def _slurm(args) -> int:
 def _search(args) -> int:
     from ..distributed.env import in_launched_process
     from .launch import exit_distributed, format_command, free_port, launch_command
+    from .signals import run_forwarding_signals
+    from ..checkpoints.preemption import Preempted, catch_signals
     from ..config import DistributedConfig
     from ..elastic.search import load_search_config, search
 
@@ -252,16 +276,21 @@ def _search(args) -> int:
         dist = DistributedConfig(backend="ddp", nproc=args.nproc, main_process_port=free_port())
         cmd, env = launch_command(dist, ["search", args.run_dir] + [a for o in args.overrides for a in ("--set", o)])
         print(f"[flexrank] launching: {format_command(cmd, env)}", flush=True)
-        return subprocess.run(cmd, env={**os.environ, **env}).returncode
+        return run_forwarding_signals(cmd, {**os.environ, **env}, Path(args.run_dir))
     if in_launched_process():
         import torch
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())  # the process group the search splits subnets over
-    search(args.run_dir, args.overrides)
+    catch_signals()  # SIGTERM/SIGUSR1: every process stops at its next batch; evaluated subnets stay cached
+    status = 0
+    try:
+        search(args.run_dir, args.overrides)
+    except Preempted as stop:
+        status = _stopped(stop, Path(args.run_dir))
     if in_launched_process():
-        exit_distributed()
-    return 0
+        exit_distributed(status)
+    return status
 
 
 def _cache(args) -> None:

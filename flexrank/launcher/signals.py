@@ -1,5 +1,6 @@
-"""Running the `accelerate launch` child so that SIGTERM/SIGUSR1 sent to `flexrank train` reach the training
-processes, which then checkpoint at a step boundary and stop (flexrank/checkpoints/preemption.py).
+"""Running the `accelerate launch` child so that SIGTERM/SIGUSR1 sent to `flexrank train` or `search` reach the
+worker processes, which then checkpoint at a step boundary or stop at an evaluation batch and exit
+(flexrank/checkpoints/preemption.py).
 
 The signal goes to the workers themselves, not to accelerate's torchrun agent: torchrun starts each worker in
 a session of its own (so a signal to our process group misses them), treats SIGTERM as "kill the workers, SIGKILL
@@ -14,8 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from ..checkpoints import manifest as checkpoints
-from ..checkpoints.preemption import PREEMPTED_EXIT, SIGNALS
+from ..checkpoints.preemption import PREEMPTED_EXIT, PREEMPTED_MARK, SIGNALS
 
 
 def _workers(agent: int) -> list[psutil.Process]:
@@ -26,17 +26,18 @@ def _workers(agent: int) -> list[psutil.Process]:
         return []
 
 
-def _saved_since(run_dir: Path, since: float) -> Path | None:
-    """The newest complete checkpoint, if it was completed after `since`."""
-    newest = checkpoints.latest_complete(run_dir, warn=lambda *_: None, set_aside=False)
-    if newest is not None and (newest / checkpoints.MANIFEST).stat().st_mtime >= since:
-        return newest
+def _preempted_since(run_dir: Path, since: float) -> str | None:
+    """What the workers said they kept when they stopped on the signal (their mark in the run folder), if they
+    did after `since`."""
+    mark = run_dir / PREEMPTED_MARK
+    if mark.is_file() and mark.stat().st_mtime >= since:
+        return mark.read_text().strip()
     return None
 
 
 def run_forwarding_signals(cmd: list[str], env: dict[str, str], run_dir: Path) -> int:
     """Run the launcher child; forward SIGTERM/SIGUSR1 to its workers. Returns the child's exit status, or
-    PREEMPTED_EXIT when a forwarded signal ended the run with a new complete checkpoint in run_dir."""
+    PREEMPTED_EXIT when the workers stopped on a forwarded signal (after saving what can be resumed)."""
     received: list[float] = []
     previous_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by the child: see above
     try:
@@ -63,7 +64,7 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str], run_dir: Path) -
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if received and returncode != 0 and (saved := _saved_since(run_dir, received[0])):
-        print(f"[flexrank] preempted: {saved} saved; continue with --resume auto", flush=True)
+    if received and returncode != 0 and (said := _preempted_since(run_dir, received[0])):
+        print(f"[flexrank] preempted: {said}", flush=True)
         return PREEMPTED_EXIT
     return returncode

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..checkpoints import manifest as checkpoints
 from ..distributed.backends import backend_of, call_when_gradients_are_final, stepping_optimizers
@@ -92,10 +92,25 @@ class _CompleteCheckpoints(TrainerCallback):
         trainer.accelerator.wait_for_everyone()
 
 
+class _TrainingDone(Exception):
+    pass
+
+
+class _StopWhenTrained(TrainerCallback):
+    """A run resumed from a checkpoint at its last step (written when it was preempted during the evaluation after
+    training, or by a save at the last step): the Trainer has loaded it and prepared the model, but its loop runs a
+    step before it checks for the end. Stop before that step: training is done."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if 0 < state.max_steps <= state.global_step:
+            raise _TrainingDone
+
+
 class FlexTrainer(PortableResume, Trainer):
     def __init__(self, *args, controller: RankController | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.controller = controller
+        self.add_callback(_StopWhenTrained())
         # on_save callbacks run in the order added: the world-size-independent trainable state is written before
         # the checkpoint is marked complete, so the manifest lists it. Rotation happens once a checkpoint is
         # complete (_CompleteCheckpoints), not inside the Trainer's save.
@@ -104,6 +119,17 @@ class FlexTrainer(PortableResume, Trainer):
         self.add_callback(_CompleteCheckpoints(self, keep))
         if controller is not None:
             self.add_callback(_ControllerCallback(self, controller))
+
+    def train(self, resume_from_checkpoint=None, **kwargs) -> TrainOutput:
+        # The controller's state: here rather than in _load_from_checkpoint, which the Trainer skips under DeepSpeed.
+        if self.controller is not None and resume_from_checkpoint:
+            self.controller.load_state_dict(torch.load(Path(resume_from_checkpoint) / STATE_FILE, weights_only=True))
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except _TrainingDone:  # the training's own summary, logged as it ended (absent when it never got there)
+            summary = next((h for h in reversed(self.state.log_history) if "train_runtime" in h), {})
+            metrics = {k: v for k, v in summary.items() if k != "step"}
+            return TrainOutput(self.state.global_step, metrics.get("train_loss", float("nan")), metrics)
 
     def create_optimizer(self, model=None):
         if self.controller is None or self.optimizer is not None:
@@ -151,10 +177,4 @@ class FlexTrainer(PortableResume, Trainer):
                 "backend": backend_of(self),
                 "per_device_train_batch_size": self.args.per_device_train_batch_size,
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
-
-    def train(self, resume_from_checkpoint=None, **kwargs):
-        # Here rather than in _load_from_checkpoint, which the Trainer skips under DeepSpeed.
-        if self.controller is not None and resume_from_checkpoint:
-            self.controller.load_state_dict(torch.load(Path(resume_from_checkpoint) / STATE_FILE, weights_only=True))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

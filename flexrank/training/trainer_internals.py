@@ -7,6 +7,9 @@ when an upgrade changes it.
   `_load_from_checkpoint` before accelerate.prepare, then DeepSpeed's engine.load_checkpoint / FSDP loading and
   the optimizer and scheduler files in `_prepare_for_training`), keeping the rest (trainer_state.json, RNG files,
   skipping the trained batches). No public hook does this: callbacks run after the loading.
+- `save_checkpoint` writes checkpoint-<step> outside a save step (a run preempted during its evaluation after
+  training keeps its trained state), as the Trainer's save step does (`_save_checkpoint`, then the on_save
+  callbacks). No public method writes a resumable checkpoint.
 - `rewind_scheduler` moves a scheduler (transformers' get_scheduler: a torch LambdaLR) to a saved position through
   its state dict keys `last_epoch` and `_step_count`.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
 class CheckpointLoading:
@@ -40,6 +44,14 @@ class CheckpointLoading:
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
         self.load_replaced_checkpoint(Path(resume_from_checkpoint))
         return model, train_dataloader
+
+
+def save_checkpoint(trainer) -> Path:
+    """checkpoint-<global step> now, with everything a save step writes: the Trainer's files, then the on_save
+    callbacks (flexrank's portable state, controller state and completion manifest). Every process calls it."""
+    trainer._save_checkpoint(trainer.model, None)
+    trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+    return Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
 
 
 def rewind_scheduler(scheduler, saved: dict) -> None:
@@ -117,6 +129,43 @@ def _resume_problems() -> list[str]:
             f"CheckpointLoading)" for p in problems]
 
 
+class _Saves(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def _save_problems() -> list[str]:
+    """A 2-step run that saves nothing, then save_checkpoint: a complete checkpoint-2 that a run resumes from."""
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(2), "y": torch.randn(())} for _ in range(8)]
+    with tempfile.TemporaryDirectory() as out:
+        def trainer() -> Trainer:
+            args = TrainingArguments(out, max_steps=2, save_strategy="no", per_device_train_batch_size=4,
+                                     report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no")
+            made = Trainer(model=_Tiny(), args=args, train_dataset=data, callbacks=[_Saves()])
+            made.remove_callback(PrinterCallback)
+            return made
+
+        ran = trainer()
+        ran.train()
+        folder = save_checkpoint(ran)
+        saves = next(c for c in ran.callback_handler.callbacks if isinstance(c, _Saves)).steps
+        written = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        resumed = trainer()
+        resumed.train(resume_from_checkpoint=str(folder))
+        same = torch.equal(resumed.model.linear.weight, ran.model.linear.weight)
+    if saves != [2] or not {"trainer_state.json", "optimizer.pt", "scheduler.pt", "model.safetensors"} <= written \
+            or resumed.state.global_step != 2 or not same:
+        return [f"transformers {version('transformers')}: Trainer._save_checkpoint(model, trial) writes "
+                f"checkpoint-<global_step> (model, optimizer, scheduler, trainer state) that a run resumes from, "
+                f"and callback_handler.on_save runs the on_save callbacks no longer holds (used by "
+                f"trainer_internals.save_checkpoint; seen: on_save at {saves}, files {sorted(written)})"]
+    return []
+
+
 def _scheduler_problems() -> list[str]:
     """A linear warm-up schedule stepped 3 times, and a fresh one rewound to its saved state: same position and LR."""
     def scheduler():
@@ -138,7 +187,8 @@ def _scheduler_problems() -> list[str]:
 def private_api_problems() -> list[str]:
     """One line per internal above that no longer behaves as flexrank relies on (empty when all do)."""
     problems = []
-    for check, dependency in ((_resume_problems, "transformers"), (_scheduler_problems, "torch")):
+    for check, dependency in ((_resume_problems, "transformers"), (_save_problems, "transformers"),
+                              (_scheduler_problems, "torch")):
         try:
             problems += check()
         except Exception as exc:  # e.g. a renamed method: the check itself cannot run
