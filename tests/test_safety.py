@@ -1,12 +1,15 @@
 """Outputs appear whole or not at all; export never deletes a folder it did not write; the bundled model's
-conversion runs once when several processes start on an empty cache."""
+conversion runs once when several processes start on an empty cache; nothing flexrank reads is unpickled."""
 
+import ast
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 
 from flexrank.io import atomic_path, write_atomic
@@ -131,8 +134,6 @@ def test_export_refuses_a_foreign_folder_before_reading_the_run(tmp_path, capsys
 
 
 def test_the_checkpoint_bench_refuses_a_foreign_out_folder(tmp_path):
-    from pathlib import Path
-
     foreign = _foreign(tmp_path / "mine")
     bench = Path(__file__).resolve().parents[1] / "bench" / "checkpoint_cost.py"
     done = subprocess.run([sys.executable, str(bench), "--out", str(foreign)], capture_output=True, text=True)
@@ -153,3 +154,137 @@ def test_a_marked_or_empty_folder_is_replaced_and_a_symlink_is_not(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "adapter")  # a link to a flexrank folder is still not flexrank's
     with pytest.raises(ConfigError):
         refuse_foreign(tmp_path / "link", "k")
+
+
+# --- no pickle where a run or an export is read
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "flexrank"
+UNPICKLING_CALLS = {f"{m}.{f}" for m in ("pickle", "_pickle", "cPickle") for f in ("load", "loads", "Unpickler")} | {
+    "marshal.load", "marshal.loads", "shelve.open", "pandas.read_pickle"}
+PICKLE_LIBRARIES = ("dill", "cloudpickle", "joblib")  # any use of these is refused, not only their loads
+TORCH_LOADS = {"torch.load", "torch.serialization.load"}
+
+
+def _is_true(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value is True
+
+
+def unsafe_loads(root: Path) -> list[str]:
+    """`path:line: what` for every way a .py file under `root` could unpickle: torch.load without a literal
+    `weights_only=True`, any `weights_only` not literally True, a pickle/marshal/shelve load, numpy's
+    `allow_pickle=True`, and any import of dill, cloudpickle or joblib (import aliases are followed)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        alias = {}  # local name -> dotted name it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    alias[(a.asname or a.name).split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for a in node.names:
+                    alias[a.asname or a.name] = f"{node.module}.{a.name}"
+
+        def dotted(node):
+            parts = []
+            while isinstance(node, ast.Attribute):
+                parts.append(node.attr)
+                node = node.value
+            if not isinstance(node, ast.Name):
+                return None
+            return ".".join([alias.get(node.id, node.id)] + parts[::-1])
+
+        def report(node, what):
+            found.append(f"{path.relative_to(root)}:{node.lineno}: {what}")
+
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for name in names:
+                    if name.split(".")[0] in PICKLE_LIBRARIES:
+                        report(node, f"imports {name}")
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    for a in node.names:
+                        if f"{node.module}.{a.name}" in UNPICKLING_CALLS:
+                            report(node, f"imports {node.module}.{a.name}")
+            if not isinstance(node, ast.Call):
+                continue
+            name = dotted(node.func) or ""
+            keywords = {k.arg: k.value for k in node.keywords}
+            if name.split(".")[0] in PICKLE_LIBRARIES or name in UNPICKLING_CALLS:
+                report(node, f"calls {name}")
+            if name in TORCH_LOADS and not _is_true(keywords.get("weights_only")):
+                report(node, f"{name} without weights_only=True")
+            elif "weights_only" in keywords and not _is_true(keywords["weights_only"]):
+                report(node, f"{name}(weights_only={ast.unparse(keywords['weights_only'])})")
+            if "allow_pickle" in keywords and not (isinstance(keywords["allow_pickle"], ast.Constant)
+                                                   and keywords["allow_pickle"].value is False):
+                report(node, f"{name}(allow_pickle={ast.unparse(keywords['allow_pickle'])})")
+            if "pickle_module" in keywords:
+                report(node, f"{name}(pickle_module=...)")
+    return found
+
+
+def test_flexrank_never_unpickles():
+    assert PACKAGE_DIR.is_dir()
+    assert unsafe_loads(PACKAGE_DIR) == []
+
+
+PLANTED = {
+    "torch_load.py": "import torch\ntorch.load('x.pt')\n",
+    "torch_load_false.py": "import torch\ntorch.load('x.pt', map_location='cpu', weights_only=False)\n",
+    "torch_load_variable.py": "import torch\nsafe = True\ntorch.load('x.pt', weights_only=safe)\n",
+    "torch_alias.py": "import torch as t\nt.serialization.load('x.pt')\n",
+    "torch_from.py": "from torch import load\nload('x.pt')\n",
+    "pickle_loads.py": "import pickle\npickle.loads(b'')\n",
+    "pickle_alias.py": "import pickle as p\np.load(open('x', 'rb'))\n",
+    "pickle_from.py": "from pickle import Unpickler\n",
+    "dill.py": "import dill\n",
+    "cloudpickle.py": "from cloudpickle import loads\n",
+    "numpy.py": "import numpy as np\nnp.load('x.npy', allow_pickle=True)\n",
+}
+SAFE = "import torch\nimport json\ntorch.load('x.pt', weights_only=True)\njson.loads('{}')\n# pickle.load in a comment\n"
+
+
+def test_the_pickle_scanner_finds_each_planted_load(tmp_path):
+    for name, source in {**PLANTED, "safe.py": SAFE}.items():
+        (tmp_path / name).write_text(source)
+    found = unsafe_loads(tmp_path)
+    assert sorted({line.split(":")[0] for line in found}) == sorted(PLANTED)  # each planted file, never safe.py
+    assert len(found) == len(PLANTED)  # one finding each
+
+
+class Payload:
+    """What a hostile model.pt could hold: unpickling it runs code (here, it writes a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def plant_pickle_payload(folder: Path, marker: Path) -> Path:
+    """An old-format INT4 folder whose model.pt runs code when unpickled (checked here, on a copy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(Payload(marker), folder / "model.pt")
+    probe = marker.with_name("probe.pt")
+    torch.save(Payload(marker), probe)
+    torch.load(probe, weights_only=False)  # the payload is live: unpickled, it writes the marker
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    probe.unlink()
+    return folder / "model.pt"
+
+
+def test_an_old_pickled_int4_model_is_refused_unread(tmp_path):
+    from flexrank.adapters.nncf import load_int4
+
+    marker = tmp_path / "pwned"
+    plant_pickle_payload(tmp_path / "int4_model", marker)
+    with pytest.raises(ConfigError, match="never loaded.*flexrank export RUN_DIR --out DIR.*flexrank train") as err:
+        load_int4(tmp_path / "int4_model")
+    assert "\n" not in str(err.value) and str(tmp_path / "int4_model" / "model.pt") in str(err.value)
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match="no int4_config.json"):  # and a folder holding neither format
+        load_int4(tmp_path)

@@ -21,7 +21,7 @@ from ..controllers.base import RankController, StepPlan
 from ..controllers.elastic import ElasticController
 from ..elastic.search_space import space_from_nncf, space_from_spec
 from ..errors import ConfigError
-from ..io import atomic_path
+from ..io import atomic_path, mark_owned, write_json
 from .export import save_export
 from .method import AdapterMethod, save_plain_adapter
 from .peft_methods import PeftMethod
@@ -189,23 +189,179 @@ def export_int4(model, tokenizer, out: Path, example_input: dict) -> dict:
     return save_int4(strip_int4(model, example_input), tokenizer, out / INT4_DIR)
 
 
+# The INT4 model on disk: tensors only, nothing unpickled on load. nncf's own `get_config` serializes only its
+# trainable (StatefulModuleInterface) hooks, not the decompressors `strip`/`compress_weights` leave, so flexrank
+# records each decompressor's constructor arguments itself, in JSON, next to transformers' config.json.
+INT4_FILE = "model.safetensors"    # every tensor: packed INT4/INT8 weights, decompressor scales, float layers
+INT4_CONFIG = "int4_config.json"   # how to rebuild the module around them (written last: the folder is complete)
+LEGACY_INT4_FILE = "model.pt"      # flexrank < this format: a pickled nn.Module, refused (loading it runs code)
+INT4_FORMAT = "flexrank-nncf-int4/1"
+# nncf decompressor class -> its constructor's arguments (tensors are rebuilt as zeros by shape, then loaded)
+_DECOMPRESSORS = {
+    "INT4AsymmetricWeightsDecompressor": ("scale", "zero_point", "compressed_weight_shape", "result_shape",
+                                          "result_dtype"),
+    "INT4SymmetricWeightsDecompressor": ("scale", "compressed_weight_shape", "result_shape", "result_dtype"),
+    "INT8AsymmetricWeightsDecompressor": ("scale", "zero_point", "result_dtype"),
+    "INT8SymmetricWeightsDecompressor": ("scale", "result_dtype"),
+}
+_DECOMPRESSOR_MODULE = "nncf.torch.quantization.layers"
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str | None, where: Path) -> torch.dtype | None:
+    dtype = None if name is None else getattr(torch, str(name), None)
+    if name is not None and not isinstance(dtype, torch.dtype):
+        raise _bad_int4(where, f"unknown dtype {name!r}")
+    return dtype
+
+
+def _decompressor_spec(hook_name: str, module) -> dict:
+    cls = type(module)
+    if cls.__name__ not in _DECOMPRESSORS or cls.__module__ != _DECOMPRESSOR_MODULE:
+        raise TypeError(f"nncf hook {hook_name} is a {cls.__module__}.{cls.__name__}, not one of the weight "
+                        f"decompressors flexrank saves ({', '.join(_DECOMPRESSORS)}): was the model stripped?")
+    args = _DECOMPRESSORS[cls.__name__]
+    spec = {"hook": hook_name, "class": cls.__name__, "scale_shape": list(module._scale.shape),
+            "result_dtype": _dtype_name(module.result_dtype)}
+    if "zero_point" in args:  # INT4 keeps the unpacked shape; INT8 stores it as is
+        spec["zero_point_shape"] = list(getattr(module, "zero_point_shape", module._zero_point.shape))
+    for arg in ("compressed_weight_shape", "result_shape"):
+        if arg in args:
+            value = getattr(module, arg)
+            spec[arg] = None if value is None else list(value)
+    return spec
+
+
+def _decompressor(spec: dict, where: Path):
+    from nncf.torch.quantization import layers
+
+    if spec.get("class") not in _DECOMPRESSORS:
+        raise _bad_int4(where, f"unknown decompressor {spec.get('class')!r}")
+    args = _DECOMPRESSORS[spec["class"]]
+    kwargs = {"scale": torch.zeros(spec["scale_shape"]), "result_dtype": _dtype(spec["result_dtype"], where)}
+    if "zero_point" in args:
+        kwargs["zero_point"] = torch.zeros(spec["zero_point_shape"], dtype=torch.uint8)
+    for arg in ("compressed_weight_shape", "result_shape"):
+        if arg in args:
+            kwargs[arg] = None if spec[arg] is None else torch.Size(spec[arg])
+    return getattr(layers, spec["class"])(**kwargs)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_int4(int4_model, tokenizer, folder: Path) -> dict:
-    """Write `folder/model.pt` (the whole packed INT4 module; reload with `load_int4` or
-    `torch.load(path, weights_only=False)`, which needs torch, transformers and nncf but not flexrank) and the
-    tokenizer beside it. Written to a temporary file first, so a crash never leaves a half-written model."""
+    """Write the packed INT4 model into `folder` without pickle: `model.safetensors` (all its tensors),
+    `int4_config.json` (architecture, dtype, attention kernel, each nncf decompressor hook and packed weight),
+    transformers' `config.json` / `generation_config.json`, and the tokenizer. Reload with `load_int4(folder)`.
+    Each file is written to a temporary file first; the JSON, written last, holds the tensors' sha256, so a crash
+    between the two leaves a folder that is refused, never a mismatched model."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.pt"
+    mark_owned(folder)  # a run's int4_model/ (checked up front: refuse_foreign), or a fresh export folder
+    spec = {
+        "format": INT4_FORMAT,
+        "architecture": type(int4_model).__name__,
+        "dtype": _dtype_name(int4_model.dtype),
+        "attn_implementation": int4_model.config._attn_implementation,
+        "decompressors": [_decompressor_spec(name, hook) for name, hook in _hook_storage(int4_model).named_hooks()],
+        "packed_weights": {name: {"dtype": _dtype_name(p.dtype), "shape": list(p.shape)}
+                           for name, p in int4_model.named_parameters() if not p.is_floating_point()},
+    }
+    path = folder / INT4_FILE
     with atomic_path(path) as tmp:
-        torch.save(int4_model, tmp)
+        save_model(int4_model, str(tmp), metadata={"format": INT4_FORMAT})
+    spec["sha256"] = _sha256(path)
+    int4_model.config.save_pretrained(folder)
+    if int4_model.generation_config is not None:
+        int4_model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return {"int4_model": str(path), "int4_model_bytes": path.stat().st_size}
+    write_json(folder / INT4_CONFIG, spec)
+    return {"int4_model": str(folder), "int4_model_bytes": path.stat().st_size}
 
 
-def load_int4(path: str | Path):
-    """The exported INT4 model (a plain transformers model with nncf decompressor hooks), in eval mode."""
-    import nncf  # noqa: F401  (the pickled decompressor hooks are nncf classes)
+def _bad_int4(folder: Path, why: str) -> ConfigError:
+    return ConfigError("int4_model", str(folder), f"a folder written by flexrank's save_int4 ({INT4_FILE} + "
+                       f"{INT4_CONFIG})", why)
 
-    return torch.load(path, weights_only=False, map_location="cpu").eval()
+
+def _refuse_unreadable(folder: Path) -> None:
+    """A folder without the JSON: an old pickled model.pt is refused unread (unpickling runs any code it holds)."""
+    if (folder / LEGACY_INT4_FILE).exists():
+        raise ConfigError(
+            "int4_model", str(folder / LEGACY_INT4_FILE), f"an INT4 model saved as {INT4_FILE} + {INT4_CONFIG}",
+            "a pickled model.pt from an older flexrank is never loaded, since unpickling can run code; re-create "
+            "it with this flexrank: `flexrank export RUN_DIR --out DIR` for a QAT run (nncf_int4), or train a "
+            "post-training run (nncf_int4_ptq) again: `flexrank train RUN_DIR/config.yaml`")
+    raise _bad_int4(folder, f"no {INT4_CONFIG} in it")
+
+
+def load_int4(folder: str | Path):
+    """The INT4 model `save_int4` wrote in `folder` (a transformers model with nncf decompressor hooks), in eval
+    mode: the architecture built from config.json (random weights, no download, no model code run), the hooks
+    from int4_config.json, then every tensor from model.safetensors, strictly (no key missing or left over, same
+    shapes and dtypes). Anything else is a ConfigError naming the folder."""
+    import json
+
+    folder = Path(folder)
+    if not (folder / INT4_CONFIG).is_file():
+        _refuse_unreadable(folder)
+    try:
+        spec = json.loads((folder / INT4_CONFIG).read_text())
+    except ValueError as exc:
+        raise _bad_int4(folder, f"{INT4_CONFIG} is not JSON: {exc}") from None
+    if not isinstance(spec, dict) or spec.get("format") != INT4_FORMAT:
+        raise _bad_int4(folder, f"{INT4_CONFIG} is not format {INT4_FORMAT!r}")
+    path = folder / INT4_FILE
+    if not path.is_file() or _sha256(path) != spec.get("sha256"):
+        raise _bad_int4(folder, f"{INT4_FILE} is missing or is not the file {INT4_CONFIG} was written for")
+    try:
+        return _rebuild_int4(folder, spec, path)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OSError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        said = " ".join(str(exc).split())  # one line
+        raise _bad_int4(folder, f"{type(exc).__name__}: {said[:400]}") from exc
+
+
+def _rebuild_int4(folder: Path, spec: dict, path: Path):
+    from safetensors.torch import load_file, load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from nncf.torch.function_hook.wrapper import wrap_model
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=_dtype(spec["dtype"], folder),
+                                             attn_implementation=spec["attn_implementation"], trust_remote_code=False)
+    if type(model).__name__ != spec["architecture"]:
+        raise _bad_int4(folder, f"config.json builds a {type(model).__name__}, not a {spec['architecture']}")
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    for name, packed in spec["packed_weights"].items():  # .data, so a tied weight stays tied
+        param = model.get_parameter(name)
+        param.requires_grad_(False)
+        param.data = torch.empty(packed["shape"], dtype=_dtype(packed["dtype"], folder))
+    model = wrap_model(model)
+    storage = _hook_storage(model)
+    for hook in spec["decompressors"]:
+        storage.insert_hook_by_name(hook["hook"], _decompressor(hook, folder))
+    rebuilt = model.state_dict()
+    wrong = [k for k, v in load_file(path).items() if k in rebuilt and rebuilt[k].dtype != v.dtype]  # mmap: lazy
+    if wrong:  # load_state_dict would cast silently
+        raise _bad_int4(folder, f"{wrong[0]} is stored as a different dtype than the rebuilt model's")
+    load_model(model, str(path), strict=True)  # shapes, missing and unexpected keys (tied weights stored once)
+    return model.eval()
 
 
 def allow_config_globals() -> None:
@@ -242,6 +398,7 @@ def load_qat_run(cfg: RunConfig, run_dir: Path, model, plan: StepPlan):
 class _Int4Model:
     """What the nncf methods share: the run's model is one INT4 model (`int4_model/`), exported whole."""
     model_dir = INT4_DIR
+    output_folders = (INT4_DIR,)
 
     def check_export(self, out, compact, merge_sparse) -> None:
         if merge_sparse:
@@ -259,7 +416,7 @@ class _Int4Model:
         summary = {}
         model = self.int4_model(tokenizer)
         save_export(out, lambda folder: summary.update(save_int4(model, tokenizer, folder)), {})
-        return {**summary, "int4_model": str(Path(out) / "model.pt")}  # written in a temporary folder, then moved
+        return {**summary, "int4_model": str(Path(out))}  # written in a temporary folder, then moved
 
 
 class _Qat(_Int4Model):
@@ -306,6 +463,7 @@ class NncfElasticQat(_Qat, ElasticMethod):
 
 class NncfPtq(_Int4Model, PeftMethod):
     """`nncf_int4_ptq`, the baseline: float LoRA trained, merged, then INT4 post-training compression."""
+    output_folders = ("adapter", INT4_DIR)  # the float adapter stays available
 
     def build(self, base_model, plan: StepPlan, sample) -> None:
         self.sample = sample()
@@ -322,4 +480,4 @@ class NncfPtq(_Int4Model, PeftMethod):
         metrics["export"].update(save_int4(self.int4, tokenizer, out / INT4_DIR))     # the INT4 model
 
     def load(self, run_dir: Path, base_model: Callable, plan_of: Callable[[], StepPlan]) -> None:
-        self.model = load_int4(run_dir / INT4_DIR / "model.pt")
+        self.model = load_int4(run_dir / INT4_DIR)

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="ORG/NAME", help="a hub model id to download (instead of the bundled assets)")
     p.add_argument("--revision", help="branch, tag or commit of --model (default: main)")
     p = sub.add_parser("export", help="write a run's (sub)network as a plain peft LoRA adapter "
-                                       "(nncf runs: the INT4 model, into OUT/model.pt)")
+                                       "(nncf runs: the INT4 model, into OUT/model.safetensors)")
     p.add_argument("run_dir")
     p.add_argument("--subnet", default="heuristic",
                    help="maximal | heuristic | minimal | a JSON {group: width} (elastic runs; AdaLoRA and SoRA "
