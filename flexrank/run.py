@@ -26,7 +26,7 @@ from .io import output_folder, refuse_foreign, write_atomic, write_json
 from .models.loading import count_parameters, load_base_model, load_tokenizer
 from .training.arguments import resume_point, step_plan, training_arguments
 from .training.trainer import FlexTrainer
-from .training.trainer_internals import save_checkpoint
+from .training.transformers_internals import save_checkpoint
 
 BEFORE_FILE = "before_metrics.json"  # the before-training evaluation, reused when the run resumes
 

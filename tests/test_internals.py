@@ -1,7 +1,8 @@
 """Guards on the private / undocumented internals of dependencies that flexrank relies on. Each lives in one module,
 which lists and checks it by behaviour where it can (`private_api_problems()`): distributed/backends.py
-(accelerate, DeepSpeed, torch's multi-tensor operators), adapters/rank_layer.py (peft), training/trainer_internals.py
-(the Trainer's private methods flexrank overrides, the LR scheduler's state keys). These tests fail, naming the
+(accelerate, DeepSpeed, torch's multi-tensor operators), adapters/rank_layer.py (peft), training/transformers_internals.py
+(the Trainer's private methods flexrank overrides or calls, a model's attention kernel, the LR scheduler's state
+keys), adapters/nncf_internals.py (nncf's hook storage and names, LoRA quantizers, weight decompressors). These tests fail, naming the
 dependency and its version, when an upgrade changes one, and when a private name, a private method override or a
 private state key of a dependency appears anywhere else in flexrank or bench/."""
 
@@ -20,14 +21,14 @@ import transformers
 from peft import LoraConfig
 
 import flexrank
-from flexrank.adapters import rank_layer
+from flexrank.adapters import nncf_internals, rank_layer
 from flexrank.distributed import backends
-from flexrank.training import trainer_internals
+from flexrank.training import transformers_internals
 
 PACKAGE = Path(flexrank.__file__).resolve().parent
 BENCH = PACKAGE.parent / "bench"
 GUARDED = {"distributed/backends.py": backends, "adapters/rank_layer.py": rank_layer,
-           "training/trainer_internals.py": trainer_internals}
+           "training/transformers_internals.py": transformers_internals, "adapters/nncf_internals.py": nncf_internals}
 ISOLATED = {PACKAGE / path for path in GUARDED}
 DEPENDENCIES = {"transformers", "accelerate", "deepspeed", "peft", "nncf", "torch"}
 STDLIB_PRIVATE = {"_exit"}  # os._exit: documented by Python
@@ -73,15 +74,27 @@ def test_a_trainer_that_loads_the_optimizer_elsewhere_is_reported(monkeypatch):
 
     monkeypatch.setattr(transformers.Trainer, "train", train_remembering)
     monkeypatch.setattr(transformers.Trainer, "_prepare_for_training", prepare_then_load)
-    problems = trainer_internals.private_api_problems()
+    problems = transformers_internals.private_api_problems()
     assert len(problems) == 1 and problems[0].startswith(f"transformers {transformers.__version__}: the model is "
                                                          "loaded by _load_from_checkpoint and the optimizer")
 
 
 def test_a_renamed_trainer_method_is_reported(monkeypatch):
     monkeypatch.delattr(transformers.Trainer, "_prepare_for_training")
-    problems = trainer_internals.private_api_problems()  # both checks that train a tiny model cannot run
+    problems = transformers_internals.private_api_problems()  # both checks that train a tiny model cannot run
     assert len(problems) == 2 and all("AttributeError" in p and p.startswith("transformers ") for p in problems)
+
+
+def test_an_nncf_decompressor_that_keeps_its_scale_elsewhere_is_reported(monkeypatch):
+    from importlib.metadata import version
+
+    from nncf.torch.quantization.layers import INT4AsymmetricWeightsDecompressor
+
+    monkeypatch.setitem(nncf_internals.DECOMPRESSORS, "INT4AsymmetricWeightsDecompressor",
+                        ("scale", "compressed_weight_shape", "result_shape", "result_dtype"))  # as if zero_point moved
+    assert INT4AsymmetricWeightsDecompressor.__module__ == nncf_internals.DECOMPRESSOR_MODULE
+    problems = nncf_internals.private_api_problems()
+    assert problems and problems[0].startswith(f"nncf {version('nncf')}: ")
 
 
 def test_a_scheduler_that_keeps_its_position_elsewhere_is_reported(monkeypatch):
@@ -93,7 +106,7 @@ def test_a_scheduler_that_keeps_its_position_elsewhere_is_reported(monkeypatch):
         load(self, {k: v for k, v in state.items() if k not in ("last_epoch", "_step_count")})
 
     monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "load_state_dict", load_without_position)
-    problems = trainer_internals.private_api_problems()
+    problems = transformers_internals.private_api_problems()
     assert len(problems) == 1 and problems[0].startswith(f"torch {version('torch')}: an LR scheduler")
 
 

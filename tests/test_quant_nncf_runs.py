@@ -40,7 +40,7 @@ def test_post_training_compression_packs_the_merged_weights_to_int4_per_group(ti
     int4 = quant_nncf.compress_merged(peft_model, cfg, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     packed = int4.model.layers[0].mlp.up_proj.weight
     assert packed.dtype == torch.uint8 and packed.numel() == merged.numel() // 2  # two INT4 values per byte
-    decompress = dict(quant_nncf._hook_storage(int4).named_hooks())["post_hooks.model:layers:0:mlp:up_proj:weight__0.0"]
+    decompress = dict(quant_nncf.hook_storage(int4).named_hooks())["post_hooks.model:layers:0:mlp:up_proj:weight__0.0"]
     with torch.no_grad():
         dequantized = decompress(packed).float().reshape(merged.shape[0], -1, GROUP)
     groups = merged.reshape(merged.shape[0], -1, GROUP)

@@ -5,13 +5,12 @@ picks one rank per decoder layer at every optimizer step, as it does for its own
 gets a post-hook quantizer on its weight computing fake-quant(W + B@A); `nncf.strip` then packs W + B@A into INT4.
 The hook parameters (`__nncf_hooks.*`) are ordinary model parameters, so DDP and the Trainer see them.
 `nncf_int4_ptq` is the baseline: float LoRA, merged, then the same compress_weights call in DQ format (no FQ).
-All nncf calls of flexrank live here.
+All nncf calls of flexrank live here; the undocumented nncf internals they rely on are in nncf_internals.py.
 """
 
 import copy
 from collections.abc import Callable
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -22,8 +21,18 @@ from ..controllers.elastic import ElasticController
 from ..elastic.search_space import space_from_nncf, space_from_spec
 from ..errors import ConfigError
 from ..io import atomic_path, mark_owned, write_json
+from ..training.transformers_internals import attention_kernel
 from .export import save_export
 from .method import AdapterMethod, save_plain_adapter
+from .nncf_internals import (
+    allow_config_globals,
+    build_decompressor,
+    decompressor_spec,
+    dtype_name,
+    hook_storage,
+    lora_quantizers,
+    with_decompressors,
+)
 from .peft_methods import PeftMethod
 from .rank_methods import ElasticMethod, write_elastic_samples
 
@@ -34,25 +43,6 @@ SCALE_LR_FACTOR = 0.1  # quantizer scales train at lr/10, as nncf's downstream_q
 INT4_DIR = "int4_model"
 SUPERNET_FILE = "nncf_supernet.pt"  # QAT runs: nncf config + hook state (all ranks) + controller state, for eval/export
 QAT, PTQ = "nncf_int4", "nncf_int4_ptq"
-
-
-def _hook_storage(model):
-    from nncf.torch.function_hook.wrapper import get_hook_storage
-
-    return get_hook_storage(model)
-
-
-def _module_name(hook_name: str) -> str:
-    """`post_hooks.model:layers:0:mlp:gate_proj:weight__0.0` -> `model.layers.0.mlp.gate_proj`."""
-    return re.sub(r"^post_hooks\.", "", hook_name).split(":weight", 1)[0].replace(":", ".")
-
-
-def lora_quantizers(model) -> dict[str, torch.nn.Module]:
-    """Module name -> the 4-bit LoRA quantizer on its weight (8-bit backup quantizers have no adapter)."""
-    from nncf.torch.quantization.layers import LoraMixin
-
-    return {_module_name(name): q for name, q in _hook_storage(model).named_hooks()
-            if isinstance(q, LoraMixin) and q.num_bits == 4}
 
 
 def _compress_weights(model, q, sample: dict, compression_format: str, rank: int | None = None):
@@ -127,11 +117,11 @@ class _NncfState:
         import nncf.torch
 
         return {"nncf_config": nncf.torch.get_config(self.model),
-                "nncf_state_dict": _hook_storage(self.model).state_dict()}
+                "nncf_state_dict": hook_storage(self.model).state_dict()}
 
     def load_nncf_state(self, state: dict) -> None:
         if "nncf_state_dict" in state:
-            _hook_storage(self.model).load_state_dict(state["nncf_state_dict"])
+            hook_storage(self.model).load_state_dict(state["nncf_state_dict"])
 
 
 class NncfLoraController(_NncfState, RankController):
@@ -196,58 +186,11 @@ INT4_FILE = "model.safetensors"    # every tensor: packed INT4/INT8 weights, dec
 INT4_CONFIG = "int4_config.json"   # how to rebuild the module around them (written last: the folder is complete)
 LEGACY_INT4_FILE = "model.pt"      # flexrank < this format: a pickled nn.Module, refused (loading it runs code)
 INT4_FORMAT = "flexrank-nncf-int4/1"
-# nncf decompressor class -> its constructor's arguments (tensors are rebuilt as zeros by shape, then loaded)
-_DECOMPRESSORS = {
-    "INT4AsymmetricWeightsDecompressor": ("scale", "zero_point", "compressed_weight_shape", "result_shape",
-                                          "result_dtype"),
-    "INT4SymmetricWeightsDecompressor": ("scale", "compressed_weight_shape", "result_shape", "result_dtype"),
-    "INT8AsymmetricWeightsDecompressor": ("scale", "zero_point", "result_dtype"),
-    "INT8SymmetricWeightsDecompressor": ("scale", "result_dtype"),
-}
-_DECOMPRESSOR_MODULE = "nncf.torch.quantization.layers"
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
 def _dtype(name: str | None, where: Path) -> torch.dtype | None:
     dtype = None if name is None else getattr(torch, str(name), None)
     if name is not None and not isinstance(dtype, torch.dtype):
         raise _bad_int4(where, f"unknown dtype {name!r}")
     return dtype
-
-
-def _decompressor_spec(hook_name: str, module) -> dict:
-    cls = type(module)
-    if cls.__name__ not in _DECOMPRESSORS or cls.__module__ != _DECOMPRESSOR_MODULE:
-        raise TypeError(f"nncf hook {hook_name} is a {cls.__module__}.{cls.__name__}, not one of the weight "
-                        f"decompressors flexrank saves ({', '.join(_DECOMPRESSORS)}): was the model stripped?")
-    args = _DECOMPRESSORS[cls.__name__]
-    spec = {"hook": hook_name, "class": cls.__name__, "scale_shape": list(module._scale.shape),
-            "result_dtype": _dtype_name(module.result_dtype)}
-    if "zero_point" in args:  # INT4 keeps the unpacked shape; INT8 stores it as is
-        spec["zero_point_shape"] = list(getattr(module, "zero_point_shape", module._zero_point.shape))
-    for arg in ("compressed_weight_shape", "result_shape"):
-        if arg in args:
-            value = getattr(module, arg)
-            spec[arg] = None if value is None else list(value)
-    return spec
-
-
-def _decompressor(spec: dict, where: Path):
-    from nncf.torch.quantization import layers
-
-    if spec.get("class") not in _DECOMPRESSORS:
-        raise _bad_int4(where, f"unknown decompressor {spec.get('class')!r}")
-    args = _DECOMPRESSORS[spec["class"]]
-    kwargs = {"scale": torch.zeros(spec["scale_shape"]), "result_dtype": _dtype(spec["result_dtype"], where)}
-    if "zero_point" in args:
-        kwargs["zero_point"] = torch.zeros(spec["zero_point_shape"], dtype=torch.uint8)
-    for arg in ("compressed_weight_shape", "result_shape"):
-        if arg in args:
-            kwargs[arg] = None if spec[arg] is None else torch.Size(spec[arg])
-    return getattr(layers, spec["class"])(**kwargs)
 
 
 def _sha256(path: Path) -> str:
@@ -274,10 +217,10 @@ def save_int4(int4_model, tokenizer, folder: Path) -> dict:
     spec = {
         "format": INT4_FORMAT,
         "architecture": type(int4_model).__name__,
-        "dtype": _dtype_name(int4_model.dtype),
-        "attn_implementation": int4_model.config._attn_implementation,
-        "decompressors": [_decompressor_spec(name, hook) for name, hook in _hook_storage(int4_model).named_hooks()],
-        "packed_weights": {name: {"dtype": _dtype_name(p.dtype), "shape": list(p.shape)}
+        "dtype": dtype_name(int4_model.dtype),
+        "attn_implementation": attention_kernel(int4_model),
+        "decompressors": [decompressor_spec(name, hook) for name, hook in hook_storage(int4_model).named_hooks()],
+        "packed_weights": {name: {"dtype": dtype_name(p.dtype), "shape": list(p.shape)}
                            for name, p in int4_model.named_parameters() if not p.is_floating_point()},
     }
     path = folder / INT4_FILE
@@ -339,7 +282,6 @@ def load_int4(folder: str | Path):
 def _rebuild_int4(folder: Path, spec: dict, path: Path):
     from safetensors.torch import load_file, load_model
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from nncf.torch.function_hook.wrapper import wrap_model
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=_dtype(spec["dtype"], folder),
@@ -352,23 +294,19 @@ def _rebuild_int4(folder: Path, spec: dict, path: Path):
         param = model.get_parameter(name)
         param.requires_grad_(False)
         param.data = torch.empty(packed["shape"], dtype=_dtype(packed["dtype"], folder))
-    model = wrap_model(model)
-    storage = _hook_storage(model)
-    for hook in spec["decompressors"]:
-        storage.insert_hook_by_name(hook["hook"], _decompressor(hook, folder))
+    try:
+        hooks = {h["hook"]: build_decompressor(h, lambda name: _dtype(name, folder)) for h in spec["decompressors"]}
+    except ConfigError:
+        raise
+    except ValueError as exc:  # an unknown decompressor class
+        raise _bad_int4(folder, str(exc)) from None
+    model = with_decompressors(model, hooks)
     rebuilt = model.state_dict()
     wrong = [k for k, v in load_file(path).items() if k in rebuilt and rebuilt[k].dtype != v.dtype]  # mmap: lazy
     if wrong:  # load_state_dict would cast silently
         raise _bad_int4(folder, f"{wrong[0]} is stored as a different dtype than the rebuilt model's")
     load_model(model, str(path), strict=True)  # shapes, missing and unexpected keys (tied weights stored once)
     return model.eval()
-
-
-def allow_config_globals() -> None:
-    """nncf's config holds this enum: allowed, so its state loads with weights_only=True."""
-    from nncf.common.quantization.structs import QuantizationScheme
-
-    torch.serialization.add_safe_globals([QuantizationScheme])
 
 
 def save_supernet(controller, path: Path) -> None:

@@ -28,7 +28,7 @@ from . import manifest as checkpoints
 from ..io import atomic_path
 from ..distributed.backends import _full, backend_of, link_zero12_optimizer_state, unwrap_optimizer
 from ..errors import ConfigError
-from ..training.trainer_internals import CheckpointLoading, rewind_scheduler
+from ..training.transformers_internals import CheckpointLoading, rewind_scheduler
 
 PORTABLE_FILE = "flexrank_portable.pt"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -181,7 +181,7 @@ def _load_into_zero(trainer, named: dict, state: dict) -> None:
 class PortableResume(CheckpointLoading):
     """Trainer mixin: resume through PORTABLE_FILE when the checkpoint's layout differs from this run's. The
     Trainer keeps resume_from_checkpoint for trainer_state.json (global step, epoch, batches to skip) and the RNG
-    files; only its model, optimizer and scheduler loading is replaced (trainer_internals.CheckpointLoading)."""
+    files; only its model, optimizer and scheduler loading is replaced (transformers_internals.CheckpointLoading)."""
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         self.replaces_checkpoint_loading = bool(resume_from_checkpoint) and layout_changed(

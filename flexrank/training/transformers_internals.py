@@ -1,5 +1,5 @@
-"""The transformers Trainer's private methods flexrank overrides, and the LR scheduler state keys it edits: the only
-module that does either (tests/test_internals.py fails on a private override or a private state key anywhere
+"""The transformers internals flexrank relies on (the Trainer's private methods it overrides or calls, a model's
+attention kernel) and the LR scheduler state keys it edits: the only module that uses either (tests/test_internals.py fails on a private override or a private state key anywhere
 else). `private_api_problems()` checks each by behaviour, on a tiny model, and names the dependency and version
 when an upgrade changes it.
 
@@ -10,6 +10,7 @@ when an upgrade changes it.
 - `save_checkpoint` writes checkpoint-<step> outside a save step (a run preempted during its evaluation after
   training keeps its trained state), as the Trainer's save step does (`_save_checkpoint`, then the on_save
   callbacks). No public method writes a resumable checkpoint.
+- `attention_kernel` reads which attention implementation a loaded model runs (no public accessor).
 - `rewind_scheduler` moves a scheduler (transformers' get_scheduler: a torch LambdaLR) to a saved position through
   its state dict keys `last_epoch` and `_step_count`.
 """
@@ -52,6 +53,11 @@ def save_checkpoint(trainer) -> Path:
     trainer._save_checkpoint(trainer.model, None)
     trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
     return Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+
+
+def attention_kernel(model) -> str:
+    """The attention implementation `model` runs ('sdpa', 'eager', 'flash_attention_2', ...)."""
+    return model.config._attn_implementation
 
 
 def rewind_scheduler(scheduler, saved: dict) -> None:
@@ -125,7 +131,7 @@ def _resume_problems() -> list[str]:
         trainer(out, False, 1).train(resume_from_checkpoint=str(ckpt))
         if "checkpoint" in seen or not torch.equal(seen.get("first_step_weight"), saved):
             problems.append("without the replacement the Trainer loads the checkpoint's model")
-    return [f"transformers {version('transformers')}: {p} no longer holds (used by trainer_internals."
+    return [f"transformers {version('transformers')}: {p} no longer holds (used by transformers_internals."
             f"CheckpointLoading)" for p in problems]
 
 
@@ -162,7 +168,21 @@ def _save_problems() -> list[str]:
         return [f"transformers {version('transformers')}: Trainer._save_checkpoint(model, trial) writes "
                 f"checkpoint-<global_step> (model, optimizer, scheduler, trainer state) that a run resumes from, "
                 f"and callback_handler.on_save runs the on_save callbacks no longer holds (used by "
-                f"trainer_internals.save_checkpoint; seen: on_save at {saves}, files {sorted(written)})"]
+                f"transformers_internals.save_checkpoint; seen: on_save at {saves}, files {sorted(written)})"]
+    return []
+
+
+def _attention_problems() -> list[str]:
+    """A tiny Llama built with each CPU kernel reports that kernel."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=32)
+    seen = {kernel: attention_kernel(AutoModelForCausalLM.from_config(config, attn_implementation=kernel))
+            for kernel in ("eager", "sdpa")}
+    if seen != {"eager": "eager", "sdpa": "sdpa"}:
+        return [f"transformers {version('transformers')}: config._attn_implementation names the model's attention "
+                f"kernel no longer holds (used by transformers_internals.attention_kernel; seen {seen})"]
     return []
 
 
@@ -180,7 +200,7 @@ def _scheduler_problems() -> list[str]:
     rewind_scheduler(fresh, ran.state_dict())
     if fresh.last_epoch != ran.last_epoch or fresh.get_last_lr() != ran.get_last_lr():
         return [f"torch {version('torch')}: an LR scheduler's state dict keeps its position in last_epoch and "
-                f"_step_count no longer holds (used by trainer_internals.rewind_scheduler)"]
+                f"_step_count no longer holds (used by transformers_internals.rewind_scheduler)"]
     return []
 
 
@@ -188,7 +208,7 @@ def private_api_problems() -> list[str]:
     """One line per internal above that no longer behaves as flexrank relies on (empty when all do)."""
     problems = []
     for check, dependency in ((_resume_problems, "transformers"), (_save_problems, "transformers"),
-                              (_scheduler_problems, "torch")):
+                              (_attention_problems, "transformers"), (_scheduler_problems, "torch")):
         try:
             problems += check()
         except Exception as exc:  # e.g. a renamed method: the check itself cannot run
