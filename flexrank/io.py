@@ -10,6 +10,7 @@ marker: flexrank replaces or writes into such a folder only when it is new, empt
 before any work, so an output path pointed at the wrong folder loses nothing.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -102,6 +103,14 @@ def write_atomic(dest: str | Path, data: str | bytes) -> None:
 
 def write_json(dest: str | Path, data) -> None:
     write_atomic(dest, json.dumps(data, indent=2, default=str))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_dir(*parts: str) -> Path:

@@ -20,7 +20,7 @@ from ..controllers.base import RankController, StepPlan
 from ..controllers.elastic import ElasticController
 from ..elastic.search_space import space_from_nncf, space_from_spec
 from ..errors import ConfigError
-from ..io import atomic_path, mark_owned, write_json
+from ..io import atomic_path, file_sha256, mark_owned, write_json
 from ..training.transformers_internals import attention_kernel
 from .export import save_export
 from .method import AdapterMethod, save_plain_adapter
@@ -193,16 +193,6 @@ def _dtype(name: str | None, where: Path) -> torch.dtype | None:
     return dtype
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_int4(int4_model, tokenizer, folder: Path) -> dict:
     """Write the packed INT4 model into `folder` without pickle: `model.safetensors` (all its tensors),
     `int4_config.json` (architecture, dtype, attention kernel, each nncf decompressor hook and packed weight),
@@ -226,7 +216,7 @@ def save_int4(int4_model, tokenizer, folder: Path) -> dict:
     path = folder / INT4_FILE
     with atomic_path(path) as tmp:
         save_model(int4_model, str(tmp), metadata={"format": INT4_FORMAT})
-    spec["sha256"] = _sha256(path)
+    spec["sha256"] = file_sha256(path)
     int4_model.config.save_pretrained(folder)
     if int4_model.generation_config is not None:
         int4_model.generation_config.save_pretrained(folder)
@@ -268,7 +258,7 @@ def load_int4(folder: str | Path):
     if not isinstance(spec, dict) or spec.get("format") != INT4_FORMAT:
         raise _bad_int4(folder, f"{INT4_CONFIG} is not format {INT4_FORMAT!r}")
     path = folder / INT4_FILE
-    if not path.is_file() or _sha256(path) != spec.get("sha256"):
+    if not path.is_file() or file_sha256(path) != spec.get("sha256"):
         raise _bad_int4(folder, f"{INT4_FILE} is missing or is not the file {INT4_CONFIG} was written for")
     try:
         return _rebuild_int4(folder, spec, path)

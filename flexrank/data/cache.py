@@ -45,13 +45,8 @@ def root() -> Path:
 
 def max_bytes() -> int | None:
     """The cap on tokenized data from FLEXRANK_CACHE_MAX_GB (None: no cap)."""
-    raw = os.environ.get("FLEXRANK_CACHE_MAX_GB", str(DEFAULT_MAX_GB))
-    try:
-        gb = float(raw)
-    except ValueError:
-        gb = -1.0
-    if gb < 0:
-        raise ConfigError("FLEXRANK_CACHE_MAX_GB", raw, "a size in GB >= 0 (0: no cap)")
+    gb = _non_negative(os.environ.get("FLEXRANK_CACHE_MAX_GB", str(DEFAULT_MAX_GB)), "FLEXRANK_CACHE_MAX_GB",
+                       "a size in GB >= 0 (0: no cap)")
     return int(gb * 1e9) if gb else None
 
 
@@ -118,13 +113,18 @@ def older_than(spec: str) -> float:
     """Seconds in '7d', '12h', '30m' or a number of days."""
     units = {"d": 86400, "h": 3600, "m": 60}
     number, unit = (spec[:-1], spec[-1]) if spec and spec[-1] in units else (spec, "d")
+    value = _non_negative(number, "--older-than", "a duration such as 7d, 12h, 30m or a number of days")
+    return value * units[unit]
+
+
+def _non_negative(raw: str, key: str, allowed: str) -> float:
     try:
-        value = float(number)
+        value = float(raw)
     except ValueError:
         value = -1.0
     if value < 0:
-        raise ConfigError("--older-than", spec, "a duration such as 7d, 12h, 30m or a number of days")
-    return value * units[unit]
+        raise ConfigError(key, raw, allowed)
+    return value
 
 
 def _in_use(path: Path) -> bool:

@@ -10,7 +10,6 @@ processes of one `accelerate launch` (DDP) split each generation's candidates be
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -23,7 +22,7 @@ from ..evaluation import metrics as metrics_lib
 from .search_space import read_nncf_json
 from .cost import CostModel, subnet_cost
 from .nsga import NSGASettings, nsga2
-from ..io import mark_owned, refuse_foreign, write_json
+from ..io import file_sha256, mark_owned, refuse_foreign, write_json
 from .results import EvalCache, Row, config_key, digest, front_rows, plot, select_best, write_csv
 
 # NNCF BootstrapNAS's search defaults (v2.19 search.py). acc_delta: NNCF's 1 point of percent accuracy, here a
@@ -217,14 +216,6 @@ def score_all(configs: list[dict], scorer, cache: EvalCache, workers: Workers, p
     return [cache.get(c) for c in configs]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_backend() -> None:
     # Under ZeRO-3 / FSDP2 every process must run every forward (sharded weights): splitting candidates would
     # hang. Those searches would split the data instead, which flexrank does not do yet.
@@ -301,7 +292,7 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     if workers.main:
         out.mkdir(exist_ok=True)
         mark_owned(out)
-    setup_id = digest(_file_digest(run_dir / "supernet" / "adapter_model.safetensors"), scorer.identity(),
+    setup_id = digest(file_sha256(run_dir / "supernet" / "adapter_model.safetensors"), scorer.identity(),
                       [(g.name, g.widths) for g in space.groups])
     cache = EvalCache(out / "cache" / f"{setup_id}.jsonl")
     costs = CostModel.of(model)
