@@ -57,6 +57,17 @@ def test_a_missing_torch_foreach_operator_is_reported(monkeypatch):
     assert len(problems) == 1 and problems[0].startswith(f"torch {version('torch')}: torch._foreach_add_, ")
 
 
+def test_an_engine_wrapper_that_no_longer_steps_the_engine_is_reported(monkeypatch):
+    """accelerate moving DeepSpeed's step out of the wrapper's backward would move where gradients are final."""
+    from importlib.metadata import version
+
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    monkeypatch.setattr(DeepSpeedEngineWrapper, "backward", lambda self, loss, **kwargs: self.engine.backward(loss))
+    problems = backends.private_api_problems()
+    assert len(problems) == 1 and problems[0].startswith(f"accelerate {version('accelerate')}: DeepSpeedEngineWrapper")
+
+
 def test_a_trainer_that_loads_the_optimizer_elsewhere_is_reported(monkeypatch):
     """An upgrade that moves the optimizer and scheduler loading out of _prepare_for_training (simulated: loaded
     right after it, from the checkpoint train() was given) would make a replaced loading load them anyway."""
