@@ -5,6 +5,7 @@ widths (same losses) on 1 process, DDP, ZeRO-3 and FSDP2."""
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,70 @@ def test_bert_head_and_intermediate_cut_equal_sliced_encoder():
         reference = sliced(ids).logits
     assert (masked - full).abs().max() > 1e-4
     torch.testing.assert_close(masked, reference, atol=1e-5, rtol=1e-5)
+
+
+BERT_NODE = ("PeftModelForSequenceClassification/LoraModel[base_model]/BertForSequenceClassification[model]/"
+             "BertModel[bert]/BertEncoder[encoder]/ModuleList[layer]/BertLayer[{}]/")
+
+
+def _meta_bert(hidden=64, layers=2, heads=4, intermediate=96):
+    """A BERT classifier on the meta device with LoRA (flexrank's rank layer) on query and value, as LoNAS's GLUE
+    runs adapt it."""
+    from accelerate import init_empty_weights
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate, vocab_size=100 if hidden == 64 else 30522, num_labels=2)
+    with init_empty_weights():
+        model = get_peft_model(BertForSequenceClassification(config), register_rank_layer(
+            LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS")))
+    return model, list(rank_layers(model)), find_base_targets(model)
+
+
+def _bert_json(dynamic: list[str]) -> dict:
+    """LoNAS's GLUE form for the tiny BERT: layer 1's query/key/value width group (base weights and lora_B, as the
+    RTE JSON writes them), a q/v rank group per layer, and `add_dynamic_inputs`."""
+    attention = BERT_NODE.format(1) + "BertAttention[attention]/BertSelfAttention[self]/"
+    groups = [[attention + "Linear[query]/NNCFUserSelfLinear[self_linear]/linear_0",
+               attention + "Linear[query]/ModuleDict[lora_B]/NNCFLinear[default]/linear_0",
+               attention + "NNCFLinear[key]/linear_0",
+               attention + "Linear[value]/NNCFUserSelfLinear[self_linear]/linear_0"]]
+    groups += [[BERT_NODE.format(i) + f"BertAttention[attention]/BertSelfAttention[self]/Linear[{p}]/"
+                "ModuleDict[lora_A]/NNCFLinear[default]/linear_0" for p in ("query", "value")] for i in range(2)]
+    width = {"overwrite_groups": groups, "overwrite_groups_widths": [[64, 32], [8, 4, 2], [8, 4, 2]],
+             "add_dynamic_inputs": dynamic}
+    return {"bootstrapNAS": {"training": {"elasticity": {"available_elasticity_dims": ["width"], "width": width}}}}
+
+
+def _attention_output(layer: int) -> str:
+    return BERT_NODE.format(layer) + "BertAttention[attention]/BertSelfOutput[output]/NNCFLinear[dense]/linear_0"
+
+
+def test_add_dynamic_inputs_of_the_shipped_lonas_rte_config():
+    """LoNAS's BERT-base RTE JSON as shipped: the 12 attention-output dense inputs it lists follow their layer's
+    attention width group."""
+    model, names, targets = _meta_bert(hidden=768, layers=12, heads=12, intermediate=3072)
+    path = Path(__file__).resolve().parent / "data" / "lonas" / "nncf_lonas_bert_base_rte.json"
+    space = space_from_nncf(path, names, max_rank=8, base_targets=targets)
+    layer = "base_model.model.bert.encoder.layer.{}.attention.output.dense"
+    assert space.dynamic_inputs == {layer.format(i): f"L{i}:attention" for i in range(12)}
+    assert space.dynamic_input_widths(space.heuristic())[layer.format(10)] == 704  # [768, 704, 192]
+    assert space.dynamic_input_widths(space.minimal())[layer.format(9)] == 192     # [768, 192]
+
+
+def test_add_dynamic_inputs_read_and_refused_in_one_line():
+    _, names, targets = _meta_bert()
+    space = space_from_nncf(_bert_json([_attention_output(1)]), names, max_rank=8, base_targets=targets)
+    dense = "base_model.model.bert.encoder.layer.1.attention.output.dense"
+    assert space.dynamic_inputs == {dense: "L1:attention"}
+    assert space.dynamic_input_widths({**space.maximal(), "L1:attention": 32}) == {dense: 32}
+    key = r"width\.add_dynamic_inputs\[1\]"
+    # Layer 0 has no attention width group: nothing would set that input's width.
+    with pytest.raises(ConfigError, match=key + r".*BertLayer\[0\].*attention-output projection.*L1:attention"):
+        space_from_nncf(_bert_json([_attention_output(1), _attention_output(0)]), names, 8, base_targets=targets)
+    lora = BERT_NODE.format(1) + "BertAttention[attention]/BertSelfAttention[self]/Linear[query]/ModuleDict[lora_A]/" \
+        "NNCFLinear[default]/linear_0"
+    with pytest.raises(ConfigError, match=key + r".*lora_A"):
+        space_from_nncf(_bert_json([_attention_output(1), lora]), names, 8, base_targets=targets)
+    with pytest.raises(ConfigError, match=r"width\.add_dynamic_inputs: got 'x'"):
+        space_from_nncf(_bert_json("x"), names, 8, base_targets=targets)

@@ -1,11 +1,13 @@
 """Parameters and multiply-accumulates per token of an active subnet.
 
 NNCF BootstrapNAS counts, over Linear layers, params = in x out and MACs = in x out per token. Here the base
-model's Linear layers (including the output head) are counted that way, and the active adapter ranks add
-r x (in + out) each (lora_A is r x in, lora_B is out x r; LoNAS traced both as NNCF Linear nodes, so its MACs
-included them). The cost takes the module shapes of the model and an explicit active shape per module, so
-elastic base widths (an MLP intermediate cut, fewer heads) only have to say which (in, out) a module has in
-the subnet: `SubnetShape.base` overrides the full shape module by module.
+model's Linear layers (including the output head) are counted that way, and every adapted module adds its active
+rank x (active in + active out) (lora_A is r x in, lora_B is out x r; LoNAS traced both as NNCF Linear nodes, so
+its counts include them). A module in no search-space group keeps its full rank, but its (in, out) still follows
+the base widths that feed it: LoNAS's LLaMA-7B config leaves down_proj's LoRA out of every group, and NNCF still
+cuts its lora_A input columns with the MLP width. The cost takes the module shapes of the model and an explicit
+active shape per module, so elastic base widths (an MLP intermediate cut, fewer heads) only have to say which
+(in, out) a module has in the subnet: `SubnetShape.base` overrides the full shape module by module.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class SubnetShape:
     """What is active in a subnet: adapter rank per adapted module, and base (in, out) where it is not the
     full one (empty while only adapter ranks are elastic)."""
 
-    ranks: dict[str, int]
+    ranks: dict[str, int]  # adapted modules absent here count at their full rank
     base: dict[str, LinearShape] = field(default_factory=dict)
 
 
@@ -53,30 +55,44 @@ class Cost:
                 "base_macs": self.base_macs, "adapter_params": self.adapter_params, "adapter_macs": self.adapter_macs}
 
 
-def linear_shapes(model: torch.nn.Module) -> tuple[dict[str, LinearShape], dict[str, LinearShape]]:
-    """(base Linear layers, adapted modules) of a peft model, each name -> full (in, out). An adapted module's
-    base weight is counted under the adapted module's name (not `.base_layer`), the name the search space uses;
-    its lora_A / lora_B Linears are adapter cost, not base cost."""
+def _full_rank(module: RankLoraLinear) -> int:
+    active = getattr(module, "active_adapters", None) or list(module.r)
+    return int(module.r[active[0]])
+
+
+def linear_shapes(model: torch.nn.Module) -> tuple[dict[str, LinearShape], dict[str, LinearShape], dict[str, int]]:
+    """(base Linear layers, adapted modules, adapted modules' full ranks) of a peft model, each name -> full
+    (in, out) or r. An adapted module's base weight is counted under the adapted module's name (not
+    `.base_layer`), the name the search space uses; its lora_A / lora_B Linears are adapter cost, not base cost.
+    A head peft copies for training (`modules_to_save`) is counted once: one of the two copies runs."""
     base: dict[str, LinearShape] = {}
     adapted: dict[str, LinearShape] = {}
-    inside_adapter: set[str] = set()
+    ranks: dict[str, int] = {}
+    skipped: set[str] = set()
     for name, module in model.named_modules():
         if isinstance(module, RankLoraLinear):
             adapted[name] = LinearShape(module.in_features, module.out_features)
+            ranks[name] = _full_rank(module)
             base[name] = adapted[name]
-            inside_adapter.add(name + ".")
+            skipped.add(name)  # its base_layer and its lora_A / lora_B
+        elif hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+            skipped.add(name + ".original_module")  # the frozen original of a trained copy
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or any(name.startswith(p) for p in inside_adapter):
-            continue  # the adapted module's base_layer and its lora_A / lora_B
+        if not isinstance(module, torch.nn.Linear) or any(name.startswith(p + ".") or name == p for p in skipped):
+            continue
         base[name] = LinearShape(module.in_features, module.out_features)
-    return base, adapted
+    return base, adapted, ranks
 
 
 class CostModel:
     """The cost of any subnet of one model, from the model's module shapes (read once)."""
 
-    def __init__(self, base: dict[str, LinearShape], adapted: dict[str, LinearShape], head_dim: int | None = None):
-        self.base, self.adapted = dict(base), dict(adapted)
+    def __init__(self, base: dict[str, LinearShape], adapted: dict[str, LinearShape], ranks: dict[str, int],
+                 head_dim: int | None = None):
+        self.base, self.adapted, self.ranks = dict(base), dict(adapted), dict(ranks)
+        missing = sorted(set(self.adapted) - set(self.ranks))
+        if missing:
+            raise KeyError(f"adapted modules without a full rank: {missing[:3]}")
         self.head_dim = head_dim  # for a query cut under grouped-query attention (kv_width)
 
     @classmethod
@@ -89,8 +105,10 @@ class CostModel:
             raise KeyError(f"modules not in the model: {unknown[:3]}")
         shapes = {**self.base, **subnet.base}
         base = sum(s.in_features * s.out_features for s in shapes.values())
-        # A rank multiplies the module's active (in, out): a narrower base also narrows its adapter.
-        adapter = sum(r * (shapes[m].in_features + shapes[m].out_features) for m, r in subnet.ranks.items())
+        # Every adapted module counts: its active rank, or its full rank when the subnet does not set one (a module
+        # in no group). A rank multiplies the module's active (in, out): a narrower base also narrows its adapter.
+        ranks = {**self.ranks, **subnet.ranks}
+        adapter = sum(r * (shapes[m].in_features + shapes[m].out_features) for m, r in ranks.items())
         # One token passes each weight once: MACs per token equal the weights of the layers it passes.
         return Cost(base_params=base, base_macs=base, adapter_params=adapter, adapter_macs=adapter)
 
@@ -172,9 +190,15 @@ def head_dim_of(model: torch.nn.Module) -> int | None:
 
 
 def subnet_cost(costs: CostModel, space, config: dict[str, int]) -> Cost:
-    """The cost of a subnet config: its adapter ranks (space.module_widths) and base widths (space.base_widths).
+    """The cost of a subnet config: its adapter ranks (space.module_widths; modules in no group at full rank), base
+    widths (space.base_widths) and the inputs that follow them (space.dynamic_inputs).
     The one cost function of the search, the size report and the compact export's summary."""
     base = base_overrides(costs.base, space.base_widths(config), costs.head_dim)
+    # Inputs an NNCF config declares dynamic (add_dynamic_inputs) follow their group's width, whatever the module
+    # is called (the attention-output projection of LoNAS's BERT configs).
+    for module, width in space.dynamic_input_widths(config).items():
+        out = base.get(module, costs.base[module]).out_features
+        base[module] = LinearShape(width, out)
     return costs.cost(SubnetShape(space.module_widths(config), base))
 
 

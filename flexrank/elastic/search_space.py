@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,13 +109,16 @@ class Stage:
 
 @dataclass
 class SearchSpace:
-    """Groups with their widths, and the training stages; subnet configs are dicts group name -> width."""
+    """Groups with their widths, and the training stages; subnet configs are dicts group name -> width.
+    `dynamic_inputs` (NNCF's add_dynamic_inputs): module name -> the base group whose width its input follows."""
 
     groups: tuple[Group, ...]
     stages: tuple[Stage, ...]
+    dynamic_inputs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.groups, self.stages = tuple(self.groups), tuple(self.stages)
+        self.dynamic_inputs = dict(self.dynamic_inputs)
         if not self.groups:
             raise ConfigError("search_space.groups", [], "at least one group")
         if not self.stages:
@@ -133,6 +136,13 @@ class SearchSpace:
         longest = max(len(g.widths) for g in self.groups)
         for i, stage in enumerate(self.stages):
             _check_stage(f"search_space.stages[{i}]", stage, i == len(self.stages) - 1, longest)
+        base = {g.name: g for g in self.groups if g.base is not None}
+        for module, group in self.dynamic_inputs.items():
+            # flexrank cuts a base width by masking the input of one projection (base_masks.py): that projection's
+            # input is the only one a base group can make dynamic.
+            if group not in base or base[group].modules != (module,):
+                raise ConfigError("search_space.dynamic_inputs", {module: group},
+                                  "the projection a base group masks, mapped to that group")
 
     def maximal(self) -> dict[str, int]:
         return {g.name: g.widths[0] for g in self.groups}
@@ -208,6 +218,11 @@ class SearchSpace:
         """Masked projection's module name -> input channels kept, for the base groups (empty if none)."""
         config = self.validate_subnet(config)
         return {module: config[g.name] for g in self.groups if g.base is not None for module in g.modules}
+
+    def dynamic_input_widths(self, config: dict[str, int]) -> dict[str, int]:
+        """Module name -> its input width in a subnet config, for the modules `dynamic_inputs` names."""
+        config = self.validate_subnet(config)
+        return {module: config[group] for module, group in self.dynamic_inputs.items()}
 
     def base_widths(self, config: dict[str, int]) -> BaseWidths:
         """The base model's widths in a subnet config, per layer (layers without base groups are absent)."""
@@ -410,7 +425,7 @@ def space_from_spec(spec: dict, module_names: list[str], max_rank: int, key: str
 
 _WIDTH_KEY = "bootstrapNAS.training.elasticity.width"
 _STAGES_KEY = "bootstrapNAS.training.schedule.list_stage_descriptions"
-_NNCF_WIDTH_KEYS = {"overwrite_groups", "overwrite_groups_widths"}
+_NNCF_WIDTH_KEYS = {"overwrite_groups", "overwrite_groups_widths", "add_dynamic_inputs"}
 _NNCF_STAGE_KEYS = {"train_dims", "epochs", "depth_indicator", "width_indicator", "reorg_weights", "bn_adapt",
                     "init_lr", "epochs_lr", "sample_rate"}
 _SCOPE = re.compile(r"([^/\[\]]+)\[([^\]]*)\]")
@@ -473,6 +488,27 @@ def _nncf_base_group(key: str, widths_key: str, entries: list[str], widths, targ
         raise ConfigError(key, entries[0], f"a node in a layer with an elastic {place[1]} width",
                           hint=f"layers with one: {sorted(i for i, k in targets if k == place[1])}")
     return _base_group(widths_key, targets[place], widths)
+
+
+def _nncf_dynamic_inputs(key: str, entries, groups: list[Group]) -> dict[str, str]:
+    """NNCF's `add_dynamic_inputs` (LoNAS's BERT configs list each layer's attention-output dense): nodes whose
+    input width NNCF sets from the nearest masked output before them, i.e. their layer's base group. Each must be
+    the projection one of this config's base groups masks; maps it to that group."""
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(key, entries, "a list of NNCF node names of base Linear layers")
+    masked = {g.modules[0]: g for g in groups if g.base is not None}
+    found: dict[str, str] = {}
+    for j, entry in enumerate(entries):
+        module, role = _nncf_node(f"{key}[{j}]", entry)
+        owner = [g for name, g in masked.items() if _same_module(name, module)]
+        if role != "base" or len(owner) != 1:
+            feeds = sorted(f"{g.name}: {g.modules[0]}" for g in masked.values())[:3]
+            raise ConfigError(f"{key}[{j}]", entry, "the base Linear whose input a base-width group of this config "
+                              "cuts (a layer's attention-output projection with an attention group, or its MLP "
+                              "down projection with an MLP group)",
+                              hint=f"those here: {feeds}" if feeds else "this config has no base-width group")
+        found[owner[0].modules[0]] = owner[0].name
+    return found
 
 
 def _strip(name: str) -> str:
@@ -597,7 +633,8 @@ def space_from_nncf(cfg: dict | str | Path, module_names: list[str], max_rank: i
     """Build a space from an NNCF BootstrapNAS config (dict or JSON file path), templated (`{re}…[{*}]`,
     one group per layer, as Shears expands it) or fully expanded. A `{re}` entry without `{*}` is a regex
     over torch module names (not NNCF node names). Keys outside the width section and stages are ignored.
-    Groups naming base weights or lora_B (LoNAS) are base-width groups, checked against `base_targets`."""
+    Groups naming base weights or lora_B (LoNAS) are base-width groups, checked against `base_targets`;
+    `add_dynamic_inputs` nodes must be the projections those groups mask (space.dynamic_inputs)."""
     cfg = _load_nncf(cfg)
     elasticity = _dig(cfg, "bootstrapNAS.training.elasticity")
     dims = elasticity.get("available_elasticity_dims", ["width"])
@@ -630,6 +667,8 @@ def space_from_nncf(cfg: dict | str | Path, module_names: list[str], max_rank: i
             members.append((modules, widths))
 
     groups = _make_groups(members) + found_base + list(base_groups)
+    dynamic = _nncf_dynamic_inputs(f"{_WIDTH_KEY}.add_dynamic_inputs", width["add_dynamic_inputs"], groups) \
+        if "add_dynamic_inputs" in width else {}
     longest = max(len(g.widths) for g in groups)
     schedule = _dig(cfg, "bootstrapNAS.training").get("schedule", {})
     if not isinstance(schedule, dict):
@@ -640,7 +679,7 @@ def space_from_nncf(cfg: dict | str | Path, module_names: list[str], max_rank: i
         raise ConfigError(_STAGES_KEY, raw_stages, "a non-empty list of stage descriptions")
     stages = [_nncf_stage(f"{_STAGES_KEY}[{i}]", raw, i == len(raw_stages) - 1, longest)
               for i, raw in enumerate(raw_stages)]
-    return SearchSpace(tuple(groups), tuple(stages))
+    return SearchSpace(tuple(groups), tuple(stages), dynamic)
 
 
 def elastic_space(elastic, module_names: list[str], max_rank: int, model, nncf: dict | None = None) -> SearchSpace:
