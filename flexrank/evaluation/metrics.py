@@ -9,9 +9,11 @@ import importlib
 import itertools
 import re
 import time
+from dataclasses import replace
 from numbers import Real
 
 from ..data.records import DROPPED, FITS, encode_chat_text, reference_answer, tokenize_records
+from ..distributed.backends import evaluation_parameters
 from ..errors import ConfigError
 from .sharding import Shard, current_shard
 from .scoring import (
@@ -133,10 +135,19 @@ def label_set(cfg_choices: list[str] | None, records) -> list[str]:
 
 def evaluate_task(model, tokenizer, records: list[dict], eval_set, collator, metrics: list[str], *,
                   labels: list[str] | None = None, batch_size: int = 32, max_new_tokens: int = 8,
-                  shard: Shard | None = None, show_progress: bool = True, limits: Limits = Limits()) -> dict:
+                  shard: Shard | None = None, show_progress: bool = True, limits: Limits = Limits(),
+                  gather_parameters="auto") -> dict:
     """One evaluation phase: every requested metric, sharded over the processes, one progress bar. Inputs are cut
-    to `limits` (eval_set, the loss's, was tokenized with them)."""
-    shard = shard or current_shard()
+    to `limits` (eval_set, the loss's, was tokenized with them). Under ZeRO-3 / FSDP2 the full parameters are
+    gathered once for the phase when `gather_parameters` says so (evaluation_parameters)."""
+    with evaluation_parameters(model, gather_parameters) as collective:
+        shard = replace(shard or current_shard(), collective=collective)
+        return _evaluate_task(model, tokenizer, records, eval_set, collator, metrics, labels, batch_size,
+                              max_new_tokens, shard, show_progress, limits)
+
+
+def _evaluate_task(model, tokenizer, records, eval_set, collator, metrics, labels, batch_size, max_new_tokens,
+                   shard: Shard, show_progress: bool, limits: Limits) -> dict:
     generates = any(m == "exact_match" or ":" in m for m in metrics)
     total = (batches_of(len(eval_set), batch_size, shard) if "loss" in metrics else 0) + \
         (batches_of(len(records), batch_size, shard) if generates else 0) + \
@@ -230,7 +241,8 @@ def evaluate_run(cfg, model, tokenizer, run_data, eval_set, collator) -> dict:
         labels = label_set(cfg.eval.choices, itertools.chain(run_data.train_records(), run_data.eval))
     limits = eval_limits(cfg)
     result = evaluate_task(model, tokenizer, run_data.eval, eval_set, collator, metrics, labels=labels,
-                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, limits=limits)
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, limits=limits,
+                           gather_parameters=cfg.eval.gather_parameters)
     result.update(truncation_report(tokenizer, run_data.eval, metrics, labels, limits, cfg.eval.max_new_tokens))
     return {**result, "seconds": round(time.perf_counter() - start, 3)}
 
