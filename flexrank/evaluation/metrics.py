@@ -154,15 +154,24 @@ def _evaluate_task(model, tokenizer, records, eval_set, collator, metrics, label
         (batches_of(len(records), choice_records_per_batch(batch_size, len(labels)), shard)
          if "choice" in metrics else 0)
     result: dict = {}
+    timings: dict[str, float] = {}  # seconds per part of the phase (bench/eval_time.py reads them)
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
+
     with progress_bar(total, shard, show=show_progress) as bar:
         if "loss" in metrics:
             result.update(evaluate_loss(model, eval_set, collator, batch_size=batch_size, shard=shard, progress=bar))
+            lap("loss")
         if "choice" in metrics:
             chosen = choose_answers(model, tokenizer, records, labels, batch_size=batch_size, shard=shard, progress=bar,
                                     limits=limits)
             refs = [normalise(reference_answer(r)) for r in records]
             result["choice"] = accuracy([normalise(c) for c in chosen], refs)
             result["choice_labels"] = len(labels)
+            lap("choice")
         if generates:
             preds = generate_answers(model, tokenizer, records, batch_size, max_new_tokens, shard, progress=bar,
                                      limits=limits)
@@ -171,7 +180,9 @@ def _evaluate_task(model, tokenizer, records, eval_set, collator, metrics, label
                 result.update(exact_match_report(preds, records))
             for spec in (m for m in metrics if ":" in m):
                 result.update(_user_result(spec, user_metric(spec)(preds, refs)))
+            lap("generation")
     result["n"] = len(records)
+    result["timings"] = timings
     return result
 
 
@@ -215,7 +226,8 @@ def evaluate_classifier(model, tokenizer, records, batch_size: int, max_length: 
 def summary_line(m: dict) -> str:
     """One line per evaluation phase: the task metrics first (user metrics too), then loss, then the time."""
     first = TASK_METRICS
-    skip = ("n", "tokens", "choice_labels", "seconds", "max_length", "truncated", "dropped", "active_rank", "active_lora_params", "loss", "perplexity")
+    skip = ("n", "tokens", "choice_labels", "seconds", "max_length", "truncated", "dropped", "active_rank",
+            "active_lora_params", "loss", "perplexity")
     keys = [k for k in first if k in m] + [k for k, v in m.items() if k not in first + skip
                                            and isinstance(v, (int, float)) and not isinstance(v, bool)]
     line = ", ".join(f"{k}={m[k]:.4f}" for k in keys + [k for k in ("loss", "perplexity") if k in m])
