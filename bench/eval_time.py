@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--update-readme", action="store_true", help="put the table in bench/README.md")
     a = p.parse_args(argv)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), "/".join(f"{x:.1f}" for x in os.getloadavg())
     model, records = _model(a.model), _records(a.records)
     choice = choice_labels(model, records, a.batch_size, a.max_length)
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,8 +163,10 @@ def main(argv=None) -> dict:
                 for name, backend, gather in SIDES}
     same = all(r[k] == runs["one process"][k] for r in runs.values() for k in EQUAL)
     body, met = table(choice, runs)
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())  # other jobs on the cores inflate every time
     header = (f"`python bench/eval_time.py --model {a.model} --records {a.records} --batch-size {a.batch_size} "
-              f"--max-length {a.max_length}` on {datetime.now():%Y-%m-%d %H:%M}, CPU, one torch thread per process, "
+              f"--max-length {a.max_length}` on {datetime.now():%Y-%m-%d %H:%M}, CPU ({os.cpu_count()} cores, load "
+              f"average {load_before} at the start, {load} at the end), one torch thread per process, "
               f"{runs['one process']['truncated']} of {a.records} prompts truncated; metrics of all 4 sides "
               f"{'identical' if same else 'DIFFER'}; {time.perf_counter() - started:.0f} s in all. "
               "A / B: A's time over B's.")

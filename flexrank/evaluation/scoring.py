@@ -79,7 +79,8 @@ def _sharded(items, batch_size: int, shard: Shard, progress, fn) -> list:
     return shard.gather(results)
 
 
-def generation_prompts(tokenizer, records: list[dict], limits: Limits, max_new_tokens: int) -> list[tuple[list[int], int]]:
+def generation_prompts(tokenizer, records: list[dict], limits: Limits,
+                       max_new_tokens: int) -> list[tuple[list[int], int]]:
     """(prompt tokens, FITS | TRUNCATED) per record: cut so that the prompt and max_new_tokens fit the limit."""
     return [limits.cut(encode_chat_text(tokenizer, generation_prompt(tokenizer, r)), max_new_tokens) for r in records]
 
@@ -177,7 +178,7 @@ def _prompt_sharing_scorer(model, pad_id: int, k: int):
         ids, mask = _left_padded([it.prompt for it in batch], pad_id, device)
         # explicit positions: left padding must not shift the prompt's positions (rotary embeddings)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True)
+                    use_cache=True, logits_to_keep=1)  # only the last position's logits are used
         first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(k, 0)  # predicts each answer's 1st token
         cache = out[cache_name]
         cache.batch_repeat_interleave(k)
