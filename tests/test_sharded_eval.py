@@ -21,9 +21,10 @@ def topic_recipe(tmp_path_factory, tiny_llama_dir):
                 "output": LABELS[i % 4]} for i in range(50)]
     (tmp / "topics.json").write_text(json.dumps(records))
     raw = {"model": {"name_or_path": str(tiny_llama_dir)},
-           # 10 held-out records in batches of 4: 3 batches, so one process runs a padding forward
-           # max_length 40: every prompt (SmolLM2's template adds a ~30-token system turn) is cut
-           "data": {"path": str(tmp / "topics.json"), "eval_size": 10, "max_length": 40},
+           # 9 held-out records in batches of 4: 3 batches (choice: 9 of 1 record x 4 labels), so with sharded
+           # weights one process runs a padding forward in each part; max_length 40: every prompt (SmolLM2's
+           # template adds a ~30-token system turn) is cut
+           "data": {"path": str(tmp / "topics.json"), "eval_size": 9, "max_length": 40},
            "adapter": {"method": "lora", "r": 4},
            "eval": {"before": False, "after": True, "batch_size": 4, "max_new_tokens": 4,
                     "metrics": ["loss", "exact_match", "choice"]},
@@ -47,12 +48,30 @@ def test_two_processes_match_one(topic_recipe, single, backend, gather):
     out = topic_recipe.parent / f"{backend}-{gather}"
     proc = run(train_args(topic_recipe, out, backend, "--set", f"eval.gather_parameters={gather}"))
     after = metrics(out)["after"]
-    assert after["n"] == single["n"] == 10 and after["choice_labels"] == 4
+    assert after["n"] == single["n"] == 9 and after["choice_labels"] == 4
     for key in ("choice", "exact_match", "loss", "tokens"):
         assert after[key] == single[key], key  # same batches, gathered in order: bit-identical
     assert [e["pred"] for e in after["examples"]] == [e["pred"] for e in single["examples"]]
     assert proc.stdout.count("[flexrank] after training: exact_match=") == 1  # one summary line, main process
-    assert after["truncated"] == single["truncated"] == 10 and "10 prompts truncated to 40 tokens" in proc.stdout
+    assert after["truncated"] == single["truncated"] == 9 and "9 prompts truncated to 40 tokens" in proc.stdout
     if backend != "ddp":
         mode = "full parameters gathered once" if gather == "auto" else "parameters stay sharded"
         assert f"[flexrank] evaluation under {backend}: {mode}" in proc.stdout
+
+
+def test_gather_estimate_counts_the_missing_shards_in_their_dtype():
+    """What `eval.gather_parameters: auto` weighs against free memory: full size less the local shard, per dtype."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from flexrank.distributed.backends import missing_bytes
+
+    bf16 = torch.empty(0, dtype=torch.bfloat16).element_size
+    zero3 = [SimpleNamespace(ds_numel=1000, ds_tensor=torch.empty(500), element_size=bf16),
+             SimpleNamespace(ds_numel=10, ds_tensor=torch.empty(5), element_size=lambda: 4)]
+    assert missing_bytes(zero3, "zero3") == 500 * 2 + 5 * 4
+    local = torch.empty(300)
+    fsdp2 = [SimpleNamespace(numel=lambda: 1200, to_local=lambda: local, element_size=lambda: 4),
+             torch.empty(7)]  # a replicated (plain) tensor: nothing missing
+    assert missing_bytes(fsdp2, "fsdp2") == 900 * 4

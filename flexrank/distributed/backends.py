@@ -162,19 +162,24 @@ def _gather_decision(model, kind: str, gather) -> bool:
     (decided together: one process gathering alone would leave the others waiting in a collective)."""
     if gather != "auto":
         return bool(gather)
-    missing = 0
-    for p in model.parameters():
-        if kind == "zero3":
-            missing += (p.ds_numel - p.ds_tensor.numel()) * p.element_size()
-        else:  # FSDP2: a DTensor's numel is the full tensor's
-            local = p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-            missing += (p.numel() - local) * p.element_size()
-    fits = missing <= GATHER_SHARE * _free_memory(next(model.parameters()).device)
+    fits = missing_bytes(model.parameters(), kind) <= GATHER_SHARE * _free_memory(next(model.parameters()).device)
     import torch.distributed as dist
 
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, fits)
     return all(everyone)
+
+
+def missing_bytes(params, kind: str) -> int:
+    """Bytes a process must add to hold the full parameters: each one's full size less its local shard."""
+    missing = 0
+    for p in params:
+        if kind == "zero3":
+            missing += (p.ds_numel - p.ds_tensor.numel()) * p.element_size()
+        else:  # FSDP2: a DTensor's numel is the full tensor's
+            local = p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+            missing += (p.numel() - local) * p.element_size()
+    return missing
 
 
 def _free_memory(device: torch.device) -> int:
