@@ -117,7 +117,6 @@ def gathered(params: list[torch.Tensor]):
 # Gathered weights may take at most this share of the memory free on the device (the rest: activations, the KV cache
 # of generation and choice, logits).
 GATHER_SHARE = 0.5
-_EVAL_HOLD = "flexrank-evaluation"  # a pseudo sub-module id that keeps ZeRO-3 from re-partitioning gathered params
 
 
 @contextmanager
@@ -192,21 +191,35 @@ def _free_memory(device: torch.device) -> int:
 
 @contextmanager
 def _zero3_gathered(model):
-    """Every ZeRO-3 partition gathered once (public GatheredParameters). DeepSpeed's forward hooks would partition
-    each layer again after its forward; a pseudo active sub-module on every parameter stops that (their release
-    only partitions parameters no module is using), so the phase's forwards gather nothing."""
+    """Every ZeRO-3 partition gathered once (public GatheredParameters), and DeepSpeed's per-module forward hooks
+    set aside for the phase: with every parameter present they have nothing to fetch, yet they would partition
+    each layer again after its forward, and the first forward after training spends tens of seconds in their
+    trace bookkeeping (__params_to_release scans the whole trace for every module; seen in a profile)."""
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     params = [p for p in model.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        for p in params:
-            p.ds_active_sub_modules.add(_EVAL_HOLD)
-        try:
-            yield
-        finally:
-            for p in params:
-                p.ds_active_sub_modules.discard(_EVAL_HOLD)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), _hooks_set_aside(model, "deepspeed."):
+        yield
+
+
+@contextmanager
+def _hooks_set_aside(model, package: str):
+    """The forward (pre-)hooks of `package` removed from every module for the block, then put back in order."""
+    saved = []
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            ours = [key for key, hook in hooks.items() if getattr(hook, "__module__", "").startswith(package)]
+            if ours:
+                saved.append((hooks, dict(hooks)))
+                for key in ours:
+                    del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, original in saved:
+            hooks.clear()
+            hooks.update(original)
 
 
 @contextmanager
@@ -352,13 +365,18 @@ def private_api_problems() -> list[str]:
         "link_zero12_optimizer_state")
     expect("deepspeed", "_hp_mapping" in source(mixed_precision_linkage),
            "ZeRO-1/2 parameters carry _hp_mapping", "full_values_and_grads")
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
-    expect("deepspeed", "param.ds_status == ZeroParamStatus.AVAILABLE and not param.ds_active_sub_modules" in source(
-        PartitionedParameterCoordinator), "a parameter in use by a sub-module (ds_active_sub_modules) is not released",
-        "_zero3_gathered")
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    expect("deepspeed", "module.register_forward_pre_hook(_pre_forward_module_hook)" in source(
+        DeepSpeedZeRoOffload._register_deepspeed_module) and "self.module.register_forward_pre_hook(" in source(
+        DeepSpeedZeRoOffload.setup_zero_stage3_hooks), "ZeRO-3's fetch/release run as forward hooks defined in "
+        "deepspeed.runtime.zero.parameter_offload", "_zero3_gathered")
+    expect("torch", all(isinstance(getattr(torch.nn.Linear(1, 1), a, None), dict)
+                        for a in ("_forward_pre_hooks", "_forward_hooks")),
+           "Module._forward_pre_hooks / _forward_hooks are the dicts forward calls", "_hooks_set_aside")
     expect("torch", "post_forward_mesh_info" in source(FSDPParamGroup.reshard) + source(FSDPParamGroup.__init__)
            and "_fsdp_param_groups" in source(FSDPState.__init__),
            "FSDP2 state._fsdp_param_groups[i].post_forward_mesh_info holds reshard_after_forward", "_fsdp2_unsharded")
