@@ -269,6 +269,20 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(8, gt=0)
     metrics: Any = "auto"  # 'auto' or [loss, exact_match, choice, package.module:function] (evaluation/metrics.py)
     choices: list[str] | None = None  # the closed label set of `choice` (default: the data's distinct answers)
+    # Evaluation inputs are cut like training's (data.max_length, truncation, min_prompt_length); a number here
+    # replaces data.max_length for evaluation only (e.g. a large one to evaluate untruncated prompts).
+    max_length: int | None = Field(None, gt=0)
+    # Under ZeRO-3 / FSDP2: gather the full parameters once per evaluation phase (records still sharded) instead
+    # of per forward; auto: when the model fits each device with a margin (evaluation/gathering.py).
+    gather_parameters: Any = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_parameters(cls, raw):
+        value = raw.get("gather_parameters", "auto") if isinstance(raw, dict) else "auto"
+        if value != "auto" and not isinstance(value, bool):
+            raise ConfigError("eval.gather_parameters", value, "auto, true or false")
+        return raw
 
     @model_validator(mode="after")
     def _metrics(self):
@@ -330,6 +344,12 @@ class RunConfig(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     training: dict[str, Any] = Field(default_factory=dict)
+
+    def eval_data(self) -> DataConfig:
+        """The data section as evaluation tokenizes with it: eval.max_length, when set, for data.max_length."""
+        if self.eval.max_length is None:
+            return self.data
+        return self.data.model_copy(update={"max_length": self.eval.max_length})
 
     @model_validator(mode="after")
     def _combinations(self):

@@ -130,3 +130,97 @@ def test_harmless_warning_filter_drops_known_lines_keeps_errors():
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("this one matters", UserWarning)
     assert [str(w.message) for w in caught] == ["this one matters"]
+
+
+# Prompts of clearly different lengths (left padding in one batch) and labels of different token lengths.
+UNEVEN = [{"instruction": "Is it raining?", "input": "the sky " + "looks very grey " * n, "output": LABELS[n % 3]}
+          for n in (0, 7, 2, 11, 1)]
+
+
+def _peft_model(tiny_llama_dir):
+    """A LoRA-wrapped tiny model whose adapter changes the outputs (B not zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "peft"])
+def test_prompt_sharing_choice_equals_full_sequence_scoring(model_and_tokenizer, tiny_llama_dir, wrapped):
+    """One forward of the prompts, the labels from their cached keys/values: the same scores as one unpadded
+    forward per (record, label), and so the same choices (checked to be untied)."""
+    from flexrank.evaluation.scoring import choice_scores
+
+    model, tok = model_and_tokenizer
+    if wrapped:
+        model = _peft_model(tiny_llama_dir)
+    expected = [[_answer_logprob(model, tok, r, a) for a in LABELS] for r in UNEVEN]
+    scores = choice_scores(model, tok, UNEVEN, LABELS, batch_size=6)  # 2 records per batch: 3 batches, one short
+    for got, want in zip(scores, expected):
+        assert got == pytest.approx(want, abs=2e-4)
+        ranked = sorted(want, reverse=True)
+        assert ranked[0] - ranked[1] > 1e-2  # not tied: the choice is decided by the scores
+    assert choose_answers(model, tok, UNEVEN, LABELS, batch_size=6) == \
+        [LABELS[max(range(3), key=row.__getitem__)] for row in expected]
+
+
+def _chat_ids(tok, messages, **kw) -> list[int]:
+    ids = tok.apply_chat_template(messages, **kw)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("truncation", ["left", "middle"])
+def test_evaluation_inputs_are_cut_like_training(model_and_tokenizer, truncation):
+    """An over-long held-out prompt: choice keeps every label whole and cuts the prompt as training cuts the record
+    with its longest label; generation cuts it so that max_new_tokens fit; a short one is left alone."""
+    from flexrank.data.records import TRUNCATED, tokenize_records
+    from flexrank.evaluation.scoring import Limits, choice_items, generation_prompts, with_answer
+
+    _, tok = model_and_tokenizer
+    long = {"instruction": "Is it raining?", "input": "the sky looks grey " * 30, "output": "yes"}
+    short = {"instruction": "Is it raining?", "input": "no", "output": "no"}
+    limits = Limits(max_length=48, truncation=truncation, min_prompt_length=4)
+    user = [{"role": "user", "content": long["instruction"] + "\n\n" + long["input"]}]
+    prompt = _chat_ids(tok, user, add_generation_prompt=True)
+    fulls = [_chat_ids(tok, user + [{"role": "assistant", "content": a}]) for a in LABELS]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    answers = [f[len(prompt):f.index(end, len(prompt)) + 1] for f in fulls]  # answer + end of turn, whole
+    longest = max(range(3), key=lambda j: len(fulls[j]))
+
+    item, fitting = choice_items(tok, [long, short], LABELS, limits)
+    assert item.answers == answers and item.status == TRUNCATED
+    trained, status = tokenize_records(tok, [with_answer(long, LABELS[longest])], 48, truncation=truncation,
+                                       min_prompt_length=4)[0]
+    assert status == TRUNCATED and len(trained["input_ids"]) == 48
+    tail = len(fulls[longest]) - len(prompt)
+    assert item.prompt == trained["input_ids"][:48 - tail]  # the prompt training kept beside the longest label
+    assert fitting.status != TRUNCATED and fitting.prompt == _chat_ids(
+        tok, [{"role": "user", "content": "Is it raining?\n\nno"}], add_generation_prompt=True)
+
+    (cut, status), (kept, kept_status) = generation_prompts(tok, [long, short], limits, max_new_tokens=8)
+    room = 48 - 8
+    assert status == TRUNCATED and len(cut) == room
+    assert cut == (prompt[-room:] if truncation == "left" else prompt[:room // 2] + prompt[-(room - room // 2):])
+    assert kept_status != TRUNCATED and len(kept) < room
+
+
+def test_eval_length_limit_keys(tmp_path):
+    cfg = load_config(raw={"data": {"max_length": 96, "truncation": "middle"}})
+    assert cfg.eval_data().max_length == 96 and cfg.eval.gather_parameters == "auto"
+    cfg = load_config(raw={"data": {"max_length": 96}, "eval": {"max_length": 4096, "gather_parameters": False}})
+    assert cfg.eval_data().max_length == 4096 and cfg.data.max_length == 96 and cfg.eval.gather_parameters is False
+    for key, value in (("max_length", 0), ("gather_parameters", "sometimes")):
+        with pytest.raises(ConfigError) as err:
+            load_config(raw={"eval": {key: value}})
+        assert str(err.value).startswith(f"eval.{key}: got ")
+
+
+def test_summary_line_says_how_many_prompts_were_cut():
+    from flexrank.evaluation.metrics import summary_line
+
+    line = summary_line({"choice": 0.5, "loss": 1.0, "perplexity": 2.7, "n": 10, "max_length": 192,
+                         "truncated": 3, "dropped": 1, "seconds": 2.0})
+    assert line == ("choice=0.5000, loss=1.0000, perplexity=2.7000 (10 records, 3 prompts truncated to 192 tokens, "
+                    "1 too long for the loss, 2.0 s)")

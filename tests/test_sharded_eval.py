@@ -1,5 +1,8 @@
-"""Sharded evaluation: `choice`, `exact_match` and `loss` on 2 processes (DDP, ZeRO-3 with generation under
-synced_gpus; FSDP2 the same) equal one process's numbers. learning_rate 0 so that the trained adapter is the initial one."""
+"""Sharded evaluation: `choice`, `exact_match` and `loss` on 2 processes equal one process's numbers: DDP, and
+ZeRO-3 / FSDP2 both with the full parameters gathered once for the phase (eval.gather_parameters auto: the tiny
+model fits) and left sharded (false: every forward a collective, generation under synced_gpus). Every prompt is
+cut to data.max_length, as in training, and the summary says so. learning_rate 0 so that the trained adapter is the
+initial one."""
 
 import json
 
@@ -18,8 +21,10 @@ def topic_recipe(tmp_path_factory, tiny_llama_dir):
                 "output": LABELS[i % 4]} for i in range(50)]
     (tmp / "topics.json").write_text(json.dumps(records))
     raw = {"model": {"name_or_path": str(tiny_llama_dir)},
-           # 10 held-out records in batches of 4: 3 batches, so one process runs a padding forward
-           "data": {"path": str(tmp / "topics.json"), "eval_size": 10},
+           # 9 held-out records in batches of 4: 3 batches (choice: 9 of 1 record x 4 labels), so with sharded
+           # weights one process runs a padding forward in each part; max_length 40: every prompt (SmolLM2's
+           # template adds a ~30-token system turn) is cut
+           "data": {"path": str(tmp / "topics.json"), "eval_size": 9, "max_length": 40},
            "adapter": {"method": "lora", "r": 4},
            "eval": {"before": False, "after": True, "batch_size": 4, "max_new_tokens": 4,
                     "metrics": ["loss", "exact_match", "choice"]},
@@ -37,13 +42,36 @@ def single(topic_recipe):
     return metrics(out)["after"]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero3", "fsdp2"])
-def test_two_processes_match_one(topic_recipe, single, backend):
-    out = topic_recipe.parent / backend
-    proc = run(train_args(topic_recipe, out, backend))
+@pytest.mark.parametrize("backend, gather", [("ddp", "auto"), ("zero3", "auto"), ("zero3", "false"),
+                                             ("fsdp2", "auto"), ("fsdp2", "false")])
+def test_two_processes_match_one(topic_recipe, single, backend, gather):
+    out = topic_recipe.parent / f"{backend}-{gather}"
+    proc = run(train_args(topic_recipe, out, backend, "--set", f"eval.gather_parameters={gather}"))
     after = metrics(out)["after"]
-    assert after["n"] == single["n"] == 10 and after["choice_labels"] == 4
+    assert after["n"] == single["n"] == 9 and after["choice_labels"] == 4
     for key in ("choice", "exact_match", "loss", "tokens"):
         assert after[key] == single[key], key  # same batches, gathered in order: bit-identical
     assert [e["pred"] for e in after["examples"]] == [e["pred"] for e in single["examples"]]
     assert proc.stdout.count("[flexrank] after training: exact_match=") == 1  # one summary line, main process
+    assert after["truncated"] == single["truncated"] == 9 and "9 prompts truncated to 40 tokens" in proc.stdout
+    if backend != "ddp":
+        mode = "full parameters gathered once" if gather == "auto" else "parameters stay sharded"
+        assert f"[flexrank] evaluation under {backend}: {mode}" in proc.stdout
+
+
+def test_gather_estimate_counts_the_missing_shards_in_their_dtype():
+    """What `eval.gather_parameters: auto` weighs against free memory: full size less the local shard, per dtype."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from flexrank.distributed.backends import missing_bytes
+
+    bf16 = torch.empty(0, dtype=torch.bfloat16).element_size
+    zero3 = [SimpleNamespace(ds_numel=1000, ds_tensor=torch.empty(500), element_size=bf16),
+             SimpleNamespace(ds_numel=10, ds_tensor=torch.empty(5), element_size=lambda: 4)]
+    assert missing_bytes(zero3, "zero3") == 500 * 2 + 5 * 4
+    local = torch.empty(300)
+    fsdp2 = [SimpleNamespace(numel=lambda: 1200, to_local=lambda: local, element_size=lambda: 4),
+             torch.empty(7)]  # a replicated (plain) tensor: nothing missing
+    assert missing_bytes(fsdp2, "fsdp2") == 900 * 4

@@ -98,11 +98,12 @@ def tokenize_train(cfg, tokenizer, run_data: RunData, main_process_first=None) -
 
 def tokenize(cfg, tokenizer, records: list[dict], kind: str, key: str | None = None,
              main_process_first=None) -> data_lib.TokenizedDataset:
-    """Records held in memory (held-out sets, search subsets) tokenized through the same cached path."""
+    """Records held in memory (held-out sets, search subsets) tokenized through the same cached path, with the
+    evaluation's length limit (cfg.eval_data)."""
     from datasets import Dataset
 
     ds = Dataset.from_list(records) if records else Dataset.from_dict({"text": []})
-    return tokenize_cached(ds, tokenizer, cfg.data, kind, key or content_key(records), "held-out",
+    return tokenize_cached(ds, tokenizer, cfg.eval_data(), kind, key or content_key(records), "held-out",
                            main_process_first).dataset
 
 

@@ -168,12 +168,27 @@ def _chat_tokens(tokenizer, messages: list[dict], encoded: list[list[int]], max_
     keep = max_length - (len(ids) - start)  # prompt tokens that fit beside the whole (last) response
     if keep < max(min_prompt_length, 1):
         return None, DROPPED
-    if truncation == "left":
-        kept = list(range(start - keep, len(ids)))
-    else:  # middle: the prompt's start (system prompt, instruction) and its end (next to the answer) survive
-        head = keep // 2
-        kept = list(range(head)) + list(range(start - (keep - head), len(ids)))
+    kept = _kept_prompt(start, keep, truncation) + list(range(start, len(ids)))
     return {"input_ids": [ids[k] for k in kept], "labels": [labels[k] for k in kept]}, TRUNCATED
+
+
+def _kept_prompt(length: int, keep: int, truncation: str) -> list[int]:
+    """Positions of the `keep` prompt tokens (of `length`) that survive truncation."""
+    if truncation == "left":
+        return list(range(length - keep, length))
+    # middle: the prompt's start (system prompt, instruction) and its end (next to the answer) survive
+    head = keep // 2
+    return list(range(head)) + list(range(length - (keep - head), length))
+
+
+def cut_prompt(prompt: list[int], room: int, truncation: str = "left", min_prompt_length: int = 0) -> tuple[list[int], int]:
+    """(tokens, FITS | TRUNCATED): a prompt cut to `room` tokens by the training's rule (tokenize_records), for
+    evaluation inputs whose answer is not one fixed text (generation, a set of labels). Where training would drop
+    the record, it keeps min_prompt_length (at least 1) tokens instead: every held-out record is answered."""
+    keep = max(room, min_prompt_length, 1)
+    if len(prompt) <= keep:
+        return prompt, FITS
+    return [prompt[k] for k in _kept_prompt(len(prompt), keep, truncation)], TRUNCATED
 
 
 def tokenize_classification(tokenizer, record: dict, max_length: int) -> dict:

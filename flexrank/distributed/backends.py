@@ -114,6 +114,134 @@ def gathered(params: list[torch.Tensor]):
         yield [_full(p) for p in params]
 
 
+# Gathered weights may take at most this share of the memory free on the device (the rest: activations, the KV cache
+# of generation and choice, logits).
+GATHER_SHARE = 0.5
+
+
+@contextmanager
+def evaluation_parameters(model, gather="auto"):
+    """One evaluation phase's parameters; yields whether each forward is a collective (sharded weights).
+
+    Under ZeRO-3 / FSDP2, when `gather` is True, or "auto" and the full weights fit every process's device (by
+    GATHER_SHARE, all processes agreeing), the full parameters are gathered once for the phase (a collective) and
+    every forward is local: records stay sharded, generation needs no synced_gpus. Otherwise (and on any other
+    backend) parameters stay as they are."""
+    kind = _sharding(model)
+    if kind is None:
+        yield False
+        return
+    gathering = _gather_decision(model, kind, gather)
+    if env.is_main_process():
+        print(f"[flexrank] evaluation under {kind}: " + ("full parameters gathered once for the phase" if gathering
+              else "parameters stay sharded (gathered per forward)") + f" (eval.gather_parameters: {gather})",
+              flush=True)
+    if not gathering:
+        yield True
+        return
+    with (_zero3_gathered if kind == "zero3" else _fsdp2_unsharded)(model):
+        yield False
+
+
+def _sharding(model) -> str | None:
+    """'zero3' or 'fsdp2' when the model's parameters are sharded across processes, else None."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "zero3"
+    return "fsdp2" if _fsdp2_modules(model) else None
+
+
+def _fsdp2_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _gather_decision(model, kind: str, gather) -> bool:
+    """The recipe's switch, or 'auto': every process's free memory holds its missing parameters with the margin
+    (decided together: one process gathering alone would leave the others waiting in a collective)."""
+    if gather != "auto":
+        return bool(gather)
+    fits = missing_bytes(model.parameters(), kind) <= GATHER_SHARE * _free_memory(next(model.parameters()).device)
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, fits)
+    return all(everyone)
+
+
+def missing_bytes(params, kind: str) -> int:
+    """Bytes a process must add to hold the full parameters: each one's full size less its local shard."""
+    missing = 0
+    for p in params:
+        if kind == "zero3":
+            missing += (p.ds_numel - p.ds_tensor.numel()) * p.element_size()
+        else:  # FSDP2: a DTensor's numel is the full tensor's
+            local = p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+            missing += (p.numel() - local) * p.element_size()
+    return missing
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+@contextmanager
+def _zero3_gathered(model):
+    """Every ZeRO-3 partition gathered once (public GatheredParameters), and DeepSpeed's per-module forward hooks
+    set aside for the phase: with every parameter present they have nothing to fetch, yet they would partition
+    each layer again after its forward, and the first forward after training spends tens of seconds in their
+    trace bookkeeping (__params_to_release scans the whole trace for every module; seen in a profile)."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = [p for p in model.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), _hooks_set_aside(model, "deepspeed."):
+        yield
+
+
+@contextmanager
+def _hooks_set_aside(model, package: str):
+    """The forward (pre-)hooks of `package` removed from every module for the block, then put back in order."""
+    saved = []
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            ours = [key for key, hook in hooks.items() if getattr(hook, "__module__", "").startswith(package)]
+            if ours:
+                saved.append((hooks, dict(hooks)))
+                for key in ours:
+                    del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, original in saved:
+            hooks.clear()
+            hooks.update(original)
+
+
+@contextmanager
+def _fsdp2_unsharded(model):
+    """Every FSDP2 module unsharded once (public unshard, one collective each, in module order on every process)
+    and kept so (set_reshard_after_forward(False), as torch documents for evaluation), then resharded with each
+    group's reshard-after-forward setting as it was."""
+    modules = _fsdp2_modules(model)
+    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    settings = [g.post_forward_mesh_info for g in groups]  # what set_reshard_after_forward writes
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+        for g, setting in zip(groups, settings):
+            g.post_forward_mesh_info = setting
+
+
 def full_values_and_grads(params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """(full value, full gradient) of each parameter, as the optimizer is about to see them: accumulated and
     averaged over processes, gathered from ZeRO partitions or FSDP2 shards. A collective on every backend but
@@ -264,6 +392,21 @@ def private_api_problems() -> list[str]:
         "link_zero12_optimizer_state")
     expect("deepspeed", "_hp_mapping" in source(mixed_precision_linkage),
            "ZeRO-1/2 parameters carry _hp_mapping", "full_values_and_grads")
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    expect("deepspeed", "module.register_forward_pre_hook(_pre_forward_module_hook)" in source(
+        DeepSpeedZeRoOffload._register_deepspeed_module) and "self.module.register_forward_pre_hook(" in source(
+        DeepSpeedZeRoOffload.setup_zero_stage3_hooks), "ZeRO-3's fetch/release run as forward hooks defined in "
+        "deepspeed.runtime.zero.parameter_offload", "_zero3_gathered")
+    expect("torch", all(isinstance(getattr(torch.nn.Linear(1, 1), a, None), dict)
+                        for a in ("_forward_pre_hooks", "_forward_hooks")),
+           "Module._forward_pre_hooks / _forward_hooks are the dicts forward calls", "_hooks_set_aside")
+    expect("torch", "post_forward_mesh_info" in source(FSDPParamGroup.reshard) + source(FSDPParamGroup.__init__)
+           and "_fsdp_param_groups" in source(FSDPState.__init__),
+           "FSDP2 state._fsdp_param_groups[i].post_forward_mesh_info holds reshard_after_forward", "_fsdp2_unsharded")
     expect("torch", all(callable(getattr(torch, op, None)) for op in FOREACH_OPS),
            f"torch.{', torch.'.join(FOREACH_OPS)} are multi-tensor operators", "foreach_add_sign_, foreach_copy_")
     return problems

@@ -168,7 +168,8 @@ class SubnetScorer:
     def identity(self) -> dict:
         return {"metric": self.name, "computed": self.compute, "records": self.records, "labels": self.labels,
                 "max_new_tokens": self.cfg.eval.max_new_tokens,
-                "max_length": self.cfg.data.max_length}
+                "max_length": self.cfg.eval_data().max_length, "truncation": self.cfg.data.truncation,
+                "min_prompt_length": self.cfg.data.min_prompt_length}
 
     def __call__(self, config: dict[str, int]) -> float:
         from ..evaluation.scoring import evaluate_classification
@@ -182,7 +183,8 @@ class SubnetScorer:
         # Every process scores whole subnets (the search splits subnets, not records): no sharding here.
         result = metrics_lib.evaluate_task(self.model, self.tokenizer, self.records, self.dataset, self.collator,
                                            self.compute, labels=self.labels, batch_size=c.eval.batch_size,
-                                           max_new_tokens=c.eval.max_new_tokens, shard=Shard(), show_progress=False)
+                                           max_new_tokens=c.eval.max_new_tokens, shard=Shard(), show_progress=False,
+                                           limits=metrics_lib.eval_limits(c))
         if self.name not in result:
             raise ConfigError("search.metric", self.name, f"a metric the run reports: {sorted(result)}")
         return result[self.name]

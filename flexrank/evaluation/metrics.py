@@ -9,19 +9,25 @@ import importlib
 import itertools
 import re
 import time
+from dataclasses import replace
 from numbers import Real
 
-from ..data.records import encode_chat_text, reference_answer
+from ..data.records import DROPPED, FITS, encode_chat_text, reference_answer, tokenize_records
+from ..distributed.backends import evaluation_parameters
 from ..errors import ConfigError
 from .sharding import Shard, current_shard
 from .scoring import (
+    Limits,
     accuracy,
     batches_of,
+    choice_records_per_batch,
+    choice_items,
     choose_answers,
     evaluate_classification,
     evaluate_loss,
     exact_match_report,
     generate_answers,
+    generation_prompts,
     normalise,
     progress_bar,
 )
@@ -129,32 +135,75 @@ def label_set(cfg_choices: list[str] | None, records) -> list[str]:
 
 def evaluate_task(model, tokenizer, records: list[dict], eval_set, collator, metrics: list[str], *,
                   labels: list[str] | None = None, batch_size: int = 32, max_new_tokens: int = 8,
-                  shard: Shard | None = None, show_progress: bool = True) -> dict:
-    """One evaluation phase: every requested metric, sharded over the processes, one progress bar."""
-    shard = shard or current_shard()
+                  shard: Shard | None = None, show_progress: bool = True, limits: Limits = Limits(),
+                  gather_parameters="auto") -> dict:
+    """One evaluation phase: every requested metric, sharded over the processes, one progress bar. Inputs are cut
+    to `limits` (eval_set, the loss's, was tokenized with them). Under ZeRO-3 / FSDP2 the full parameters are
+    gathered once for the phase when `gather_parameters` says so (evaluation_parameters)."""
+    with evaluation_parameters(model, gather_parameters) as collective:
+        shard = replace(shard or current_shard(), collective=collective)
+        return _evaluate_task(model, tokenizer, records, eval_set, collator, metrics, labels, batch_size,
+                              max_new_tokens, shard, show_progress, limits)
+
+
+def _evaluate_task(model, tokenizer, records, eval_set, collator, metrics, labels, batch_size, max_new_tokens,
+                   shard: Shard, show_progress: bool, limits: Limits) -> dict:
     generates = any(m == "exact_match" or ":" in m for m in metrics)
-    n_choice = len(records) * len(labels or ())
     total = (batches_of(len(eval_set), batch_size, shard) if "loss" in metrics else 0) + \
         (batches_of(len(records), batch_size, shard) if generates else 0) + \
-        (batches_of(n_choice, batch_size, shard) if "choice" in metrics else 0)
+        (batches_of(len(records), choice_records_per_batch(batch_size, len(labels)), shard)
+         if "choice" in metrics else 0)
     result: dict = {}
+    timings: dict[str, float] = {}  # seconds per part of the phase (bench/eval_time.py reads them)
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
+
     with progress_bar(total, shard, show=show_progress) as bar:
         if "loss" in metrics:
             result.update(evaluate_loss(model, eval_set, collator, batch_size=batch_size, shard=shard, progress=bar))
+            lap("loss")
         if "choice" in metrics:
-            chosen = choose_answers(model, tokenizer, records, labels, batch_size=batch_size, shard=shard, progress=bar)
+            chosen = choose_answers(model, tokenizer, records, labels, batch_size=batch_size, shard=shard, progress=bar,
+                                    limits=limits)
             refs = [normalise(reference_answer(r)) for r in records]
             result["choice"] = accuracy([normalise(c) for c in chosen], refs)
             result["choice_labels"] = len(labels)
+            lap("choice")
         if generates:
-            preds = generate_answers(model, tokenizer, records, batch_size, max_new_tokens, shard, progress=bar)
+            preds = generate_answers(model, tokenizer, records, batch_size, max_new_tokens, shard, progress=bar,
+                                     limits=limits)
             refs = [reference_answer(r) for r in records]
             if "exact_match" in metrics:
                 result.update(exact_match_report(preds, records))
             for spec in (m for m in metrics if ":" in m):
                 result.update(_user_result(spec, user_metric(spec)(preds, refs)))
+            lap("generation")
     result["n"] = len(records)
+    result["timings"] = timings
     return result
+
+
+def truncation_report(tokenizer, records, metrics, labels, limits: Limits, max_new_tokens: int) -> dict:
+    """How many held-out prompts were cut to the limit for any of the phase's inputs (the loss's record with its
+    reference answer, the choice prompt that fits the longest label, the generation prompt), and how many records
+    the loss dropped (prompt shorter than min_prompt_length beside the answer, as training drops them)."""
+    cut: set[int] = set()
+    dropped = 0
+    if "loss" in metrics:
+        statuses = [status for _, status in tokenize_records(tokenizer, records, limits.max_length,
+                                                             truncation=limits.truncation,
+                                                             min_prompt_length=limits.min_prompt_length)]
+        cut |= {i for i, status in enumerate(statuses) if status != FITS}
+        dropped = statuses.count(DROPPED)
+    if "choice" in metrics:
+        cut |= {i for i, item in enumerate(choice_items(tokenizer, records, labels, limits)) if item.status != FITS}
+    if any(m == "exact_match" or ":" in m for m in metrics):
+        cut |= {i for i, (_, status) in enumerate(generation_prompts(tokenizer, records, limits, max_new_tokens))
+                if status != FITS}
+    return {"max_length": limits.max_length, "truncated": len(cut), "dropped": dropped}
 
 
 def _user_result(spec: str, value) -> dict:
@@ -177,11 +226,18 @@ def evaluate_classifier(model, tokenizer, records, batch_size: int, max_length: 
 def summary_line(m: dict) -> str:
     """One line per evaluation phase: the task metrics first (user metrics too), then loss, then the time."""
     first = TASK_METRICS
-    skip = ("n", "tokens", "choice_labels", "seconds", "active_rank", "active_lora_params", "loss", "perplexity")
+    skip = ("n", "tokens", "choice_labels", "seconds", "max_length", "truncated", "dropped", "active_rank",
+            "active_lora_params", "loss", "perplexity")
     keys = [k for k in first if k in m] + [k for k, v in m.items() if k not in first + skip
                                            and isinstance(v, (int, float)) and not isinstance(v, bool)]
     line = ", ".join(f"{k}={m[k]:.4f}" for k in keys + [k for k in ("loss", "perplexity") if k in m])
-    return line + (f" ({m['n']} records, {m['seconds']:.1f} s)" if "seconds" in m else "")
+    facts = [f"{m['n']} records"] if "n" in m else []
+    if "truncated" in m:
+        facts.append(f"{m['truncated']} prompts truncated to {m['max_length']} tokens"
+                     + (f", {m['dropped']} too long for the loss" if m.get("dropped") else ""))
+    if "seconds" in m:
+        facts.append(f"{m['seconds']:.1f} s")
+    return line + (f" ({', '.join(facts)})" if "seconds" in m else "")
 
 
 def evaluate_run(cfg, model, tokenizer, run_data, eval_set, collator) -> dict:
@@ -195,6 +251,15 @@ def evaluate_run(cfg, model, tokenizer, run_data, eval_set, collator) -> dict:
     labels = None
     if "choice" in metrics:
         labels = label_set(cfg.eval.choices, itertools.chain(run_data.train_records(), run_data.eval))
+    limits = eval_limits(cfg)
     result = evaluate_task(model, tokenizer, run_data.eval, eval_set, collator, metrics, labels=labels,
-                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, limits=limits,
+                           gather_parameters=cfg.eval.gather_parameters)
+    result.update(truncation_report(tokenizer, run_data.eval, metrics, labels, limits, cfg.eval.max_new_tokens))
     return {**result, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def eval_limits(cfg) -> Limits:
+    """The training's length limits, or eval.max_length in place of data.max_length when the recipe sets it."""
+    data = cfg.eval_data()
+    return Limits(data.max_length, data.truncation, data.min_prompt_length)

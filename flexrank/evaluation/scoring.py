@@ -3,16 +3,20 @@
 Every pass takes a Shard (eval_shard.py): on several processes each runs its share of the batches and the results
 are gathered, so the numbers are those of one process. One progress bar per evaluation, on the main process."""
 
+import inspect
 import math
 import unicodedata
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.records import (
+    FITS,
     IGNORE_INDEX,
+    cut_prompt,
     encode_chat_text,
     generation_prompt,
     make_collator,
@@ -20,12 +24,27 @@ from ..data.records import (
     reference_answer,
     to_messages,
     tokenize_classification,
-    tokenize_record,
+    tokenize_records,
 )
 from ..checkpoints.preemption import stop_if_signalled
 from .sharding import Shard
 
 _NO_TRUNCATION = 1 << 30
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The length limits evaluation inputs are cut to: the training's (data.max_length, truncation,
+    min_prompt_length) unless eval.max_length says otherwise; max_length None: no limit."""
+    max_length: int | None = None
+    truncation: str = "left"
+    min_prompt_length: int = 0
+
+    def cut(self, prompt: list[int], answer_room: int) -> tuple[list[int], int]:
+        """(prompt, FITS | TRUNCATED) with room left for answer_room tokens after it, as training cuts prompts."""
+        if self.max_length is None:
+            return prompt, FITS
+        return cut_prompt(prompt, self.max_length - answer_room, self.truncation, self.min_prompt_length)
 
 
 def exact_match(preds: list[str], refs: list[str]) -> float:
@@ -62,33 +81,36 @@ def _sharded(items, batch_size: int, shard: Shard, progress, fn) -> list:
     return shard.gather(results)
 
 
+def generation_prompts(tokenizer, records: list[dict], limits: Limits,
+                       max_new_tokens: int) -> list[tuple[list[int], int]]:
+    """(prompt tokens, FITS | TRUNCATED) per record: cut so that the prompt and max_new_tokens fit the limit."""
+    return [limits.cut(encode_chat_text(tokenizer, generation_prompt(tokenizer, r)), max_new_tokens) for r in records]
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 8,
-                     shard: Shard = Shard(), progress=None) -> list[str]:
-    """Greedy generation for each record's prompt (up to its last assistant turn), decoded."""
-    prompts = [encode_chat_text(tokenizer, generation_prompt(tokenizer, r)) for r in records]
+                     shard: Shard = Shard(), progress=None, limits: Limits = Limits()) -> list[str]:
+    """Greedy generation for each record's prompt (up to its last assistant turn, cut to the limits), decoded."""
+    prompts = [p for p, _ in generation_prompts(tokenizer, records, limits, max_new_tokens)]
     pad_id, device = pad_token_id(tokenizer), _device(model)
 
     def generate(batch: list[list[int]]) -> list[str]:
-        width = max(map(len, batch))
-        # Left padding: every prompt then ends in the last column, where generation continues.
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        input_ids, attention_mask = _left_padded(batch, pad_id, device)  # every prompt ends in the last column
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad_id,
-                             # several processes step together until all are done (ZeRO-3 / FSDP2 forwards
-                             # are collectives; harmless under DDP)
+                             # sharded weights: every forward is a collective, so the processes step together
+                             # until all are done
                              synced_gpus=shard.lockstep)
-        return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 
     with _eval_mode(model):
         return [p for batch in _sharded(prompts, batch_size, shard, progress, generate) for p in batch]
 
 
 def evaluate_generation(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 8,
-                        shard: Shard = Shard(), progress=None) -> dict:
+                        shard: Shard = Shard(), progress=None, limits: Limits = Limits()) -> dict:
     """Greedy generation for each record's prompt, scored by exact match against its last assistant turn."""
-    preds = generate_answers(model, tokenizer, records, batch_size, max_new_tokens, shard, progress)
+    preds = generate_answers(model, tokenizer, records, batch_size, max_new_tokens, shard, progress, limits)
     return {**exact_match_report(preds, records), "n": len(records)}
 
 
@@ -99,25 +121,106 @@ def exact_match_report(preds: list[str], records: list[dict]) -> dict:
     return {"exact_match": exact_match(preds, refs), "examples": examples}
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One record's choice inputs: its prompt (cut so that its longest label fits the limit) and, per label, the
+    tokens after the prompt that are scored: the answer and the end of its turn."""
+    prompt: list[int]
+    answers: list[list[int]]
+    status: int  # FITS | TRUNCATED
+
+
+def choice_items(tokenizer, records: list[dict], labels: list[str], limits: Limits = Limits()) -> list[ChoiceItem]:
+    """Each record with every label as its answer, tokenized as training tokenizes (tokenize_records, which checks
+    that the prompt's tokens are a prefix of the whole conversation's, so every label continues the same prompt)."""
+    k = len(labels)
+    full = tokenize_records(tokenizer, [with_answer(r, label) for r in records for label in labels], _NO_TRUNCATION)
+    items = []
+    for i, record in enumerate(records):
+        prompt = encode_chat_text(tokenizer, generation_prompt(tokenizer, record))
+        rows = [tokens for tokens, _ in full[i * k:(i + 1) * k]]
+        answers = [row["input_ids"][len(prompt):_answer_end(row["labels"])] for row in rows]
+        # training keeps the whole rest of the conversation (end-of-turn layout included) after a cut prompt
+        tail = max(len(row["input_ids"]) for row in rows) - len(prompt)
+        cut, status = limits.cut(prompt, tail)
+        items.append(ChoiceItem(cut, answers, status))
+    return items
+
+
+def choice_records_per_batch(batch_size: int, n_labels: int) -> int:
+    """Records per choice batch: their labels' continuations make one forward of at most batch_size rows."""
+    return max(1, batch_size // n_labels)
+
+
 def choose_answers(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 32,
-                   shard: Shard = Shard(), progress=None) -> list[str]:
+                   shard: Shard = Shard(), progress=None, limits: Limits = Limits()) -> list[str]:
     """For each record, the label whose tokens (the assistant turn with that answer, end of turn included) have
     the highest summed log-likelihood after the prompt: a closed-set answer without generation."""
-    pairs = [tokenize_record(tokenizer, with_answer(r, label), _NO_TRUNCATION) for r in records for label in labels]
-    collate, device = make_collator(tokenizer, False), _device(model)
+    scores = choice_scores(model, tokenizer, records, labels, batch_size, shard, progress, limits)
+    return [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
 
-    def score(batch: list[dict]) -> list[float]:
-        inputs = {k: v.to(device) for k, v in collate(batch).items()}
-        targets = inputs.pop("labels")[:, 1:]
-        logprobs = model(**inputs).logits[:, :-1].float().log_softmax(-1)
-        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (picked * (targets != IGNORE_INDEX)).sum(-1).tolist()
 
+@torch.no_grad()
+def choice_scores(model, tokenizer, records: list[dict], labels: list[str], batch_size: int = 32,
+                  shard: Shard = Shard(), progress=None, limits: Limits = Limits()) -> list[list[float]]:
+    """Per record, each label's summed log-likelihood as the answer after the record's prompt."""
+    items = choice_items(tokenizer, records, labels, limits)
+    per_batch = choice_records_per_batch(batch_size, len(labels))
+    score = _prompt_sharing_scorer(model, pad_token_id(tokenizer), len(labels))
     with _eval_mode(model):
-        scores = [s for batch in _sharded(pairs, batch_size, shard, progress, score) for s in batch]
-    k = len(labels)
-    return [labels[max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(records))]
+        return [row for batch in _sharded(items, per_batch, shard, progress, score) for row in batch]
+
+
+def _prompt_sharing_scorer(model, pad_id: int, k: int):
+    """Scores of a batch of ChoiceItems, two forwards whatever k: the prompts once, then all k labels of every
+    record as continuations of its cached keys/values (the cache repeated k times)."""
+    device, cache_name = _device(model), _cache_argument(model)
+
+    def score(batch: list[ChoiceItem]) -> list[list[float]]:
+        ids, mask = _left_padded([it.prompt for it in batch], pad_id, device)
+        # explicit positions: left padding must not shift the prompt's positions (rotary embeddings)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)  # only the last position's logits are used
+        first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(k, 0)  # predicts each answer's 1st token
+        cache = out[cache_name]
+        cache.batch_repeat_interleave(k)
+        answers = [a for it in batch for a in it.answers]
+        cont, cont_mask = _right_padded(answers, pad_id, device)
+        lengths = mask.sum(-1).repeat_interleave(k)
+        positions = lengths[:, None] + torch.arange(cont.shape[1], device=device)
+        logits = model(input_ids=cont, attention_mask=torch.cat([mask.repeat_interleave(k, 0), cont_mask], -1),
+                       position_ids=positions, use_cache=True, **{cache_name: cache}).logits
+        rest = logits[:, :-1].float().log_softmax(-1).gather(-1, cont[:, 1:, None]).squeeze(-1)
+        picked = torch.cat([first.gather(-1, cont[:, :1]), rest], 1) * cont_mask
+        return picked.sum(-1).view(len(batch), k).tolist()
+
+    return score
+
+
+def _cache_argument(model) -> str:
+    """The name of a causal LM's key/value cache, in and out of forward: transformers 5.2x renamed
+    past_key_values to cache (the old name still works, with a deprecation warning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _answer_end(labels: list[int]) -> int:
+    """Just after the last labelled token: the end of the last assistant turn (its end-of-turn token included)."""
+    return max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def _right_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
 
 
 def with_answer(record: dict, answer: str) -> dict:
