@@ -12,7 +12,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from flexrank.data import records as data_lib
+from flexrank.data import cache, records as data_lib
 from flexrank.checks import check_data
 from flexrank.config import load_config
 from flexrank.data.records import IGNORE_INDEX, encode_chat_text, generation_prompt, tokenize_with_status
@@ -89,7 +89,7 @@ def test_large_file_tokenizes_once_then_loads_from_the_cache(tiny_llama_dir, tmp
           f"second run {t_second:.1f} s (cache load {second.stats['load_seconds']:.2f} s)")
     assert calls == [n - 10]  # one map over the training records, none on the second run
     assert not first.stats["cached"] and second.stats["cached"]
-    assert len(list((own_cache / "tokenized").iterdir())) == 1
+    assert len(cache.entries("tokenized")) == 1  # (hidden: the in-use locks)
     assert len(first.dataset) == len(second.dataset) == n - 10
     # Spot-check against the per-record tokenization: the same records in the same order.
     order = load_data(cfg).train[0].records
@@ -208,5 +208,5 @@ def test_ddp_main_process_tokenizes_the_other_loads(tmp_path, own_cache, tiny_ll
     proc = run(train_args(path, tmp_path / "ddp", "ddp"))
     log = proc.stdout + proc.stderr
     assert log.count("records tokenized in") == 2 and "(process 1)" not in log, log[-3000:]  # train + held-out
-    assert len(list((own_cache / "tokenized").iterdir())) == 2
+    assert len(cache.entries("tokenized")) == 2
     assert metrics(tmp_path / "ddp")["data"] == {"train": 54, "eval": 6}

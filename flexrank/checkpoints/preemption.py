@@ -56,13 +56,6 @@ def agreed_signal(together: bool) -> int:
     return int(flag.item())
 
 
-def stop_if_signalled(together: bool) -> None:
-    """Between evaluation batches: raise Preempted when a signal arrived (on any process, with `together`)."""
-    signum = agreed_signal(together)
-    if signum:
-        raise Preempted(signum, "during an evaluation")
-
-
 class PreemptionCallback(TrainerCallback):
     """Stops training at the optimizer-step boundary after a signal (caught from construction on: a signal during
     model loading or the first evaluation stops there instead)."""

@@ -26,7 +26,7 @@ from ..data.records import (
     tokenize_classification,
     tokenize_records,
 )
-from ..checkpoints.preemption import stop_if_signalled
+from ..checkpoints.preemption import Preempted, agreed_signal
 from .sharding import Shard
 
 _NO_TRUNCATION = 1 << 30
@@ -69,15 +69,24 @@ def batches_of(n_items: int, batch_size: int, shard: Shard) -> int:
 
 def _sharded(items, batch_size: int, shard: Shard, progress, fn) -> list:
     """fn(list of items) over this process's batches (padding forwards dropped), gathered in batch order."""
-    results = []
+    results, signum = [], 0
     for part in shard.batch_slices(len(items), batch_size):
-        stop_if_signalled(together=shard.world > 1)  # preemption: every process of the shard stops at this batch
+        # Preemption: in lockstep every process runs as many batches, so they agree at each one and stop together;
+        # with local forwards they may run different numbers, so each stops at its next batch and they agree once,
+        # below, where all of them arrive.
+        signum = agreed_signal(together=shard.lockstep)
+        if signum:
+            break
         chosen = range(len(items))[part if part is not None else slice(0, batch_size)]
         out = fn([items[i] for i in chosen])
         if part is not None:
             results.append(out)
         if progress is not None:
             progress.update(1)
+    if shard.world > 1 and not shard.lockstep:
+        signum = agreed_signal(together=True)
+    if signum:
+        raise Preempted(signum, "during an evaluation")
     return shard.gather(results)
 
 
