@@ -140,3 +140,28 @@ def test_a_signal_during_the_evaluation_after_training_stops_within_seconds_and_
         assert done[phase]["exact_match"] == uninterrupted[phase]["exact_match"]
         assert done[phase]["loss"] == pytest.approx(uninterrupted[phase]["loss"], abs=1e-6)
     assert_same_adapter(full, stopped, atol=1e-6)
+
+
+def test_an_evaluation_stops_at_the_batch_after_the_signal():
+    """One process: a signal while batch 2 runs stops the evaluation before batch 3 (the real signal, caught by the
+    handlers a run installs)."""
+    from flexrank.checkpoints.preemption import Preempted, catch_signals
+    from flexrank.evaluation.scoring import _sharded
+    from flexrank.evaluation.sharding import Shard
+
+    ran = []
+
+    def batch(items):
+        ran.append(items)
+        if len(ran) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return items
+
+    restore = catch_signals()
+    try:
+        with pytest.raises(Preempted, match="stopped by SIGUSR1 during an evaluation"):
+            _sharded(list(range(10)), 2, Shard(), None, batch)
+    finally:
+        restore()
+        catch_signals()()  # clear this process's flag for the tests that follow
+    assert ran == [[0, 1], [2, 3]]
