@@ -167,6 +167,10 @@ def test_recipe_switch_is_validated():
                  "model": {"quantization": {"method": "bitsandbytes"}}}
     with pytest.raises(ConfigError, match="importance.*4-bit"):
         load_config(raw=quantized)
+    nncf = {**_cfg(importance="magnitude", nncf_config="lonas.json", search_space=None),
+            "model": {"quantization": {"method": "nncf_int4"}}}
+    with pytest.raises(ConfigError, match="importance.*none with nncf_int4"):
+        load_config(raw=nncf)
 
 
 def test_bloom_attention_is_refused():
