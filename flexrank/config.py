@@ -157,6 +157,11 @@ class ElasticConfig(_Section):
     nncf_config: str | None = None
     # LoNAS base widths, e.g. {mlp: [1.0, 0.75, 0.5]} or per layer {mlp: {0: [1536, 768]}} (search_space.py)
     base_widths: dict[str, Any] | None = None
+    # Before training, order each elastic base width's channels by importance so its kept prefix is the most
+    # important part (elastic/importance.py): none (LoNAS: first channels as they are), activation (on
+    # `importance_samples` training records), magnitude (weights only)
+    importance: Literal["none", "activation", "magnitude"] = "none"
+    importance_samples: int = Field(64, gt=0)
     sandwich: bool = False
     seed: int | None = None
     evaluate_subnets: list[str] = Field(default_factory=lambda: ["maximal", "heuristic", "minimal"])
@@ -172,6 +177,10 @@ class ElasticConfig(_Section):
             if value not in named:
                 raise ConfigError("adapter.elastic subnet", value, f"one of {named}",
                                   "export_subnet also takes an explicit {group: width} mapping")
+        if self.importance != "none" and self.base_widths is None and self.nncf_config is None:
+            raise ConfigError("adapter.elastic.importance", self.importance, "none without base widths",
+                              "it orders elastic base widths (adapter.elastic.base_widths); adapter ranks are "
+                              "not ordered: at initialisation lora_B = 0 and no rank matters more than another")
         return self
 
 
@@ -368,6 +377,10 @@ class RunConfig(_Section):
                               "bfloat16, float16 or float32 with distributed.backend " + backend,
                               "sharding needs the packed 4-bit weights stored in a float dtype")
         elastic = self.adapter.elastic
+        if quantized and elastic is not None and elastic.importance != "none":
+            raise ConfigError("adapter.elastic.importance", elastic.importance, "none with a 4-bit base "
+                              "(model.quantization)", "ordering permutes the base's weights in place, and packed "
+                              "4-bit weights (with their per-block scales) are not permuted by flexrank")
         if elastic is not None and elastic.sandwich and backend.startswith("zero"):
             raise ConfigError("adapter.elastic.sandwich", True, f"false with distributed.backend {backend}",
                               "DeepSpeed steps inside every backward, so several backward passes per "
@@ -398,6 +411,9 @@ class RunConfig(_Section):
         if self.adapter.elastic is not None and self.adapter.elastic.base_widths is not None:
             raise ConfigError("adapter.elastic.base_widths", self.adapter.elastic.base_widths,
                               f"unset with {q.method}", "the INT4 paths make only adapter ranks elastic")
+        if self.adapter.elastic is not None and self.adapter.elastic.importance != "none":
+            raise ConfigError("adapter.elastic.importance", self.adapter.elastic.importance,
+                              f"none with {q.method}", "the INT4 paths make only adapter ranks elastic")
 
 
 TRAINING_DEFAULTS = {

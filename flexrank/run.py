@@ -72,7 +72,11 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
     if cfg.adapter.sparsity:
         n = min(cfg.adapter.sparsity.calibration_samples, len(train_set))
         metrics["sparsity"] = _sparsify(cfg, model, tokenizer, eval_collator([train_set[i] for i in range(n)]), out)
-    method.build(model, step_plan(args, len(train_set)), lambda: eval_collator([train_set[0]]))
+    def sample(n: int = 1, start: int = 0):  # training records start.. start+n-1 as one batch (None past the end)
+        records = [train_set[i] for i in range(start, min(start + n, len(train_set)))]
+        return eval_collator(records) if records else None
+
+    method.build(model, step_plan(args, len(train_set)), sample)
     metrics["parameters"] = count_parameters(method.model)
 
     if cfg.eval.before:

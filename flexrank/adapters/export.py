@@ -77,9 +77,13 @@ def _plain_config(src: LoraConfig, ranks: dict, alphas: dict) -> LoraConfig:
 
 
 def export_plain_adapter(peft_model, out_dir: str | Path, adapter: str = "default",
-                         full_state: dict | None = None) -> dict:
-    """Write adapter_config.json + adapter_model.safetensors (atomically: a folder appears whole or not at all)."""
+                         full_state: dict | None = None, transform=None) -> dict:
+    """Write adapter_config.json + adapter_model.safetensors (atomically: a folder appears whole or not at all).
+    `transform(state)` maps the plain state before it is written (an importance-ordered base: back to the stock
+    base's channel order)."""
     state, ranks, alphas = plain_lora_state(peft_model, adapter, full_state)
+    if transform is not None:
+        state = transform(state)
     layers = rank_layers(peft_model)
     if layers and not ranks:
         raise NothingToExport(sum(layer.r[adapter] for layer in layers.values()))

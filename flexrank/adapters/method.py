@@ -23,7 +23,8 @@ class AdapterMethod:
     # --- training
     def build(self, base_model, plan: StepPlan, sample: Callable[[], dict]) -> None:
         """Wrap `base_model` with the adapter and make its controller. `sample()` is one collated training record
-        (nncf traces the model on it)."""
+        (nncf traces the model on it); `sample(n, start)` the training records start.. start+n-1 as one batch, None
+        past the end (calibration: importance-ordered base widths)."""
         raise NotImplementedError
 
     def callbacks(self, evaluate_loss: Callable[[], dict], metrics: dict) -> list:
@@ -41,7 +42,7 @@ class AdapterMethod:
     def save(self, out: Path, full_state: dict, tokenizer, metrics: dict) -> None:
         """Main process, after training: the run's model (a plain peft adapter by default) and what reloads it;
         `metrics["export"]` says what was written."""
-        metrics["export"] = save_plain_adapter(self.model, out / "adapter", full_state)
+        metrics["export"] = save_plain_adapter(self.model, out / "adapter", full_state, self.plain_state_transform())
 
     # --- a finished run (flexrank eval / export / search)
     def load(self, run_dir: Path, base_model: Callable, plan_of: Callable[[], StepPlan]) -> None:
@@ -67,15 +68,19 @@ class AdapterMethod:
 
     def export_adapter(self, out, full_state: dict | None = None, tokenizer=None) -> dict:
         """The active (sub)network as a plain peft LoRA adapter in `out` (NothingToExport when no rank is left)."""
-        return export_plain_adapter(self.model, out, full_state=full_state)
+        return export_plain_adapter(self.model, out, full_state=full_state, transform=self.plain_state_transform())
+
+    def plain_state_transform(self) -> Callable[[dict], dict] | None:
+        """What maps the plain adapter state to the stock base it is loaded on (None: nothing to map)."""
+        return None
 
 
-def save_plain_adapter(model, folder: Path, full_state: dict) -> dict:
+def save_plain_adapter(model, folder: Path, full_state: dict, transform=None) -> dict:
     """A finished training's adapter as plain peft LoRA. When every rank was pruned there is nothing to write:
     said, not raised (training itself finished: its metrics and rank report are kept; a placeholder adapter with
     a zero update would pass for a trained one downstream)."""
     try:
-        return export_plain_adapter(model, folder, full_state=full_state)
+        return export_plain_adapter(model, folder, full_state=full_state, transform=transform)
     except NothingToExport as exc:
         print(f"[flexrank] no adapter written: {exc}")
         return {"error": str(exc), "modules": 0, "total_rank": 0, "params": 0, "rank_pattern": {}}

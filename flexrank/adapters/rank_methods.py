@@ -13,8 +13,10 @@ from transformers import TrainerCallback
 
 from ..controllers import AdaLoRAController, ElasticController, SoRAController
 from ..controllers.base import STATE_FILE, StepPlan
-from ..elastic.base_masks import BaseMasks
+from ..elastic import importance
+from ..elastic.base_masks import BaseMasks, find_base_targets
 from ..elastic.search_space import elastic_space
+from ..distributed import env
 from ..errors import ConfigError
 from ..evaluation.metrics import summary_line
 from ..io import output_folder, write_atomic
@@ -31,7 +33,14 @@ class RankMethod(PeftMethod):
 
     def build(self, base_model, plan: StepPlan, sample) -> None:
         super().build(base_model, plan, sample)
+        self.prepare(sample)
         self.controller = self.make_controller(plan)
+
+    def prepare(self, sample) -> None:
+        """After the adapter is added, before the controller: anything the method does to the model first."""
+
+    def save_supernet_extras(self, folder: Path) -> None:
+        """More files of the whole trained state, in `supernet/`."""
 
     def make_controller(self, plan: StepPlan):
         raise NotImplementedError
@@ -43,6 +52,7 @@ class RankMethod(PeftMethod):
                       tmp / "adapter_model.safetensors")
             self.model.peft_config["default"].save_pretrained(tmp)
             torch.save(self.controller.state_dict(), tmp / STATE_FILE)  # masks, importance, sampler
+            self.save_supernet_extras(tmp)
 
     def load(self, run_dir: Path, base_model: Callable, plan_of: Callable[[], StepPlan]) -> None:
         from peft import LoraConfig, PeftModel
@@ -107,13 +117,71 @@ class SoRAStageEval(TrainerCallback):
 
 
 class ElasticMethod(RankMethod):
-    """The elastic supernet: named or explicit subnets, each evaluated, searched and exported by switching masks."""
+    """The elastic supernet: named or explicit subnets, each evaluated, searched and exported by switching masks.
+    With `importance`, the base widths' channels are ordered by importance before training (elastic/importance.py);
+    the order is saved in supernet/ and applied to the base whenever the run is reloaded."""
     has_subnets = True
+    order: dict | None = None       # order_key -> unit permutation applied to the base (importance ordering)
+    importance_report: dict | None = None
+
+    def _space(self):
+        e = self.cfg.adapter.elastic
+        return elastic_space(e, list(rank_layers(self.model)), self.cfg.adapter.r, self.model)
+
+    def prepare(self, sample) -> None:
+        e = self.cfg.adapter.elastic
+        if e.importance == "none":
+            return
+        space = self._space()
+        masked = set(space.base_module_widths(space.maximal()))
+        targets = [t for t in find_base_targets(self.model).values() if t.module in masked]
+        if not targets:
+            raise ConfigError("adapter.elastic.importance", e.importance, "none without base widths",
+                              "the search space (base_widths or the NNCF JSON) has no base-width group to order")
+        step = 8
+
+        def batches():
+            for start in range(0, e.importance_samples, step):
+                batch = sample(min(step, e.importance_samples - start), start)
+                if batch is None:
+                    return
+                yield batch
+
+        order = importance.broadcast_order(importance.compute_order(self.model, targets, e.importance, batches))
+        moved = importance.apply_order(self.model, order)
+        units = sum(p.numel() for p in order.values())
+        self.order = order
+        self.importance_report = {"method": e.importance, "groups": len(order), "units": units, "moved": moved,
+                                  **({"samples": e.importance_samples} if e.importance == "activation" else {})}
+        if env.is_main_process():
+            print(f"[flexrank] importance ordering ({e.importance}): {len(order)} base-width groups, "
+                  f"{moved} of {units} channels/head groups moved")
+
+    def save_supernet_extras(self, folder: Path) -> None:
+        if self.order is not None:
+            importance.save_order(folder, self.order, self.cfg.adapter.elastic.importance)
+
+    def load(self, run_dir: Path, base_model: Callable, plan_of: Callable[[], StepPlan]) -> None:
+        order = importance.load_order(run_dir / SUPERNET)
+
+        def ordered_base():
+            model = base_model()
+            if order is not None:  # the base the adapter was trained on
+                importance.apply_order(model, order)
+            return model
+
+        super().load(run_dir, ordered_base, plan_of)
+        self.order = order
+
+    def plain_state_transform(self):
+        if self.order is None:
+            return None
+        return lambda state: importance.unpermute_adapter_state(state, self.model, self.order)
 
     def make_controller(self, plan: StepPlan):
         e = self.cfg.adapter.elastic
         layers = rank_layers(self.model)
-        space = elastic_space(e, list(layers), self.cfg.adapter.r, self.model)
+        space = self._space()
         masked, modules = space.base_module_widths(space.maximal()), dict(self.model.named_modules())
         masks = BaseMasks(self.model, {m: modules[m].in_features for m in masked}) if masked else None
         return ElasticController(layers, space, seed=e.seed if e.seed is not None else plan.seed,
@@ -123,6 +191,8 @@ class ElasticMethod(RankMethod):
         from ..elastic.cost import CostModel, format_size_report, size_report
 
         metrics = {"size": size_report(CostModel.of(self.model), self.controller.space)}  # shapes: no gathering
+        if self.importance_report is not None:
+            metrics["importance"] = self.importance_report
         if main:
             print("[flexrank] size: " + "; ".join(format_size_report(metrics["size"]).splitlines()))
         metrics.update(self.evaluate_subnets(evaluate, main))
