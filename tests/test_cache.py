@@ -106,3 +106,12 @@ def test_tokenized_data_is_held_while_used_and_a_new_entry_evicts_beyond_the_cap
                     "test-source", main_process_first=contextlib.nullcontext)
     (entry,) = cache.entries("tokenized")
     assert not stale.exists() and entry.in_use  # held by this process (the test) for as long as it runs
+
+
+def test_a_bad_cap_is_refused_before_a_run_starts(monkeypatch, capsys, tmp_path):
+    from flexrank.launcher.cli import main
+
+    monkeypatch.setenv("FLEXRANK_CACHE_MAX_GB", "lots")
+    assert main(["train", "analogy_lora", "--set", f"training.output_dir={tmp_path / 'run'}"]) == 2
+    assert "FLEXRANK_CACHE_MAX_GB: got 'lots'; allowed: a size in GB >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

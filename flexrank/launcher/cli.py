@@ -115,10 +115,12 @@ def _train(args) -> int:
     from ..config import load_config
     from ..models.assets import pin_hub_model
     from ..checkpoints.preemption import Preempted
+    from ..data.cache import max_bytes as cache_cap
 
     overrides = args.overrides + [f"{key}={getattr(args, flag)}" for flag, key in _LAUNCH_FLAGS.items()
                                   if getattr(args, flag) is not None]
     cfg = load_config(args.recipe, overrides)  # validated here, before any process is started
+    cache_cap()  # FLEXRANK_CACHE_MAX_GB too
     overrides += pin_hub_model(cfg.model)  # a hub id: resolved once, here; launched processes get the commit
     if not already_checked():  # everything checkable without weights, before any model loads
         check_recipe(cfg, build_training_arguments=not in_launched_process())
