@@ -5,9 +5,10 @@ evaluation stop at its next batch.
 Every process only sets a flag when signalled. At each optimizer-step end all processes agree with one
 all-reduce (a process that was not signalled still stops at the same step), the Trainer saves a normal
 checkpoint and training ends; `run.train` then raises `Preempted`, so no metrics or adapter are written as if the
-run had finished, and the process exits with PREEMPTED_EXIT. Evaluation checks before each batch, agreeing the
-same way among the processes that share the evaluation (they run the same number of batches), so no process is
-left waiting in a collective. A second signal only sets the flag again: it cannot interrupt a save (a SIGKILL
+run had finished, and the process exits with PREEMPTED_EXIT. Evaluation checks before each batch
+(evaluation/scoring.py): processes whose forwards are collectives run the same number of batches and agree at each
+one; with local forwards each stops at its next batch and they agree once after the loop, where all arrive. Either
+way no process is left waiting in a collective. A second signal only sets the flag again: it cannot interrupt a save (a SIGKILL
 still can, and then `--resume auto` passes over the incomplete checkpoint).
 """
 
