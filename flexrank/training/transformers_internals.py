@@ -89,11 +89,20 @@ class _FirstStepWeight(TrainerCallback):
         self.seen.setdefault("first_step_weight", model.linear.weight.detach().clone())
 
 
+def _tiny_trainer(cls, out: str, callback: TrainerCallback, **saving) -> Trainer:
+    """A `cls` Trainer of _Tiny on 8 fixed records: 2 steps of 4 on the CPU, printing nothing."""
+    generator = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(2, generator=generator), "y": torch.randn((), generator=generator)} for _ in range(8)]
+    args = TrainingArguments(out, max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no", **saving)
+    made = cls(model=_Tiny(), args=args, train_dataset=data, callbacks=[callback])
+    made.remove_callback(PrinterCallback)
+    return made
+
+
 def _resume_problems() -> list[str]:
     """Train a tiny model 2 steps with a checkpoint each, then resume from the first with and without
     CheckpointLoading's replacement: what each loads, and when."""
-    torch.manual_seed(0)
-    data = [{"x": torch.randn(2), "y": torch.randn(())} for _ in range(8)]
     seen: dict = {}
 
     class Probe(CheckpointLoading, Trainer):
@@ -102,11 +111,8 @@ def _resume_problems() -> list[str]:
                         scheduler_epoch=self.lr_scheduler.last_epoch, weight=self.model.linear.weight.detach().clone())
 
     def trainer(out: str, replace: bool, seed: int) -> Probe:
-        torch.manual_seed(seed)
-        args = TrainingArguments(out, max_steps=2, save_steps=1, per_device_train_batch_size=4, report_to=[],
-                                 use_cpu=True, disable_tqdm=True, logging_strategy="no")
-        probe = Probe(model=_Tiny(), args=args, train_dataset=data, callbacks=[_FirstStepWeight(seen)])
-        probe.remove_callback(PrinterCallback)
+        torch.manual_seed(seed)  # the model's initial weights
+        probe = _tiny_trainer(Probe, out, _FirstStepWeight(seen), save_steps=1)
         probe.replaces_checkpoint_loading = replace
         return probe
 
@@ -146,14 +152,9 @@ class _Saves(TrainerCallback):
 def _save_problems() -> list[str]:
     """A 2-step run that saves nothing, then save_checkpoint: a complete checkpoint-2 that a run resumes from."""
     torch.manual_seed(0)
-    data = [{"x": torch.randn(2), "y": torch.randn(())} for _ in range(8)]
     with tempfile.TemporaryDirectory() as out:
         def trainer() -> Trainer:
-            args = TrainingArguments(out, max_steps=2, save_strategy="no", per_device_train_batch_size=4,
-                                     report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no")
-            made = Trainer(model=_Tiny(), args=args, train_dataset=data, callbacks=[_Saves()])
-            made.remove_callback(PrinterCallback)
-            return made
+            return _tiny_trainer(Trainer, out, _Saves(), save_strategy="no")
 
         ran = trainer()
         ran.train()
