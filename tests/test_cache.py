@@ -115,3 +115,14 @@ def test_a_bad_cap_is_refused_before_a_run_starts(monkeypatch, capsys, tmp_path)
     assert main(["train", "analogy_lora", "--set", f"training.output_dir={tmp_path / 'run'}"]) == 2
     assert "FLEXRANK_CACHE_MAX_GB: got 'lots'; allowed: a size in GB >= 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("age", ["x", "-1", "3w"])
+def test_a_bad_age_is_refused_in_one_line(cache_root, capsys, age):
+    from flexrank.launcher.cli import main
+
+    kept = _entry(cache_root, "kept", 100, 48)
+    assert main(["cache", "--clear", "--older-than", age]) == 2
+    assert f"--older-than: got '{age}'; allowed: a duration such as 7d, 12h, 30m or a number of days" in \
+        capsys.readouterr().err
+    assert kept.exists()
