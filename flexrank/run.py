@@ -76,6 +76,7 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
         records = [train_set[i] for i in range(start, min(start + n, len(train_set)))]
         return eval_collator(records) if records else None
 
+    method.resume_from = resume.checkpoint
     method.build(model, step_plan(args, len(train_set)), sample)
     metrics["parameters"] = count_parameters(method.model)
 

@@ -252,3 +252,80 @@ def test_refuses_a_base_partitioned_at_load():
     targets = list(find_base_targets(model).values())
     with pytest.raises(ConfigError, match="importance.*zero3_init_flag"):
         importance.compute_order(model, targets, "magnitude")
+
+
+ORDERED = ["adapter.elastic.base_widths={mlp: [128, 96, 64], attention: [64, 32]}",
+           "adapter.elastic.importance=activation", "adapter.elastic.importance_samples=12",
+           "eval.before=true", "eval.metrics=[loss]"]
+
+
+@pytest.fixture(scope="module")
+def backend_runs(tmp_path_factory, tiny_llama_dir):
+    """4 steps of the tiny ordered supernet (checkpoints at 2 and 4) on 1 process (in this process), ZeRO-3 and FSDP2
+    (2 processes each), and the same supernet without ordering on 1 process."""
+    from dist_helpers import recipe, run, train_args
+    from flexrank.run import train
+
+    tmp = tmp_path_factory.mktemp("ordered-backends")
+    path = recipe(tmp, tiny_llama_dir, "elastic", max_steps=4, save_strategy="steps", save_steps=2)
+    runs = {}
+    for name, sets in (("plain", ORDERED[:1] + ORDERED[3:]), ("single", ORDERED)):
+        train(load_config(path, [f"training.output_dir={tmp / name}", "training.gradient_accumulation_steps=2",
+                                 *sets]))
+        runs[name] = tmp / name
+    for backend in ("zero3", "fsdp2"):
+        run(train_args(path, tmp / backend, backend, *[a for s in ORDERED for a in ("--set", s)]))
+        runs[backend] = tmp / backend
+    return path, runs
+
+
+def test_order_is_the_same_and_keeps_the_model_on_every_backend(backend_runs):
+    """Measured once on whole weights before the engine shards them: the same order on 1 process, ZeRO-3 and FSDP2;
+    the before-training loss (the maximal model, ordered) equals the unordered model's; training matches."""
+    from dist_helpers import metrics
+
+    _, runs = backend_runs
+    plain, single = metrics(runs["plain"]), metrics(runs["single"])
+    assert single["importance"]["moved"] > 0 and "importance" not in plain
+    reference = importance.load_order(runs["single"] / "supernet")
+    for backend in ("single", "zero3", "fsdp2"):
+        m = metrics(runs[backend])
+        assert m["train"]["world_size"] == (1 if backend == "single" else 2)
+        assert m["before"]["loss"] == pytest.approx(plain["before"]["loss"], abs=1e-5), backend
+        order = importance.load_order(runs[backend] / "supernet")
+        assert order.keys() == reference.keys() and all(torch.equal(order[k], reference[k]) for k in order)
+        assert m["train"]["losses"] == pytest.approx(single["train"]["losses"], abs=1e-5), backend
+
+
+@pytest.mark.parametrize("source", ["single", "fsdp2"])
+def test_resume_takes_the_order_from_the_checkpoint(backend_runs, tmp_path, monkeypatch, capsys, source):
+    """Resumed from checkpoint-2 (of the same world size, or of 2 FSDP2 processes on 1): the order comes from the
+    checkpoint, not a new measurement (which could differ with the machine's float reductions: the adapter would
+    then not fit the base), and the run ends as the uninterrupted one did."""
+    from dist_helpers import assert_same_adapter, metrics
+    from flexrank.run import train
+
+    path, runs = backend_runs
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the order was measured again on resume")
+
+    monkeypatch.setattr(importance, "compute_order", measured)
+    out = tmp_path / "resumed"
+    train(load_config(path, [f"training.output_dir={out}", "training.gradient_accumulation_steps=2", *ORDERED,
+                             f"training.resume_from_checkpoint={runs[source] / 'checkpoint-2'}"]))
+    assert "importance ordering (activation, from checkpoint-2)" in capsys.readouterr().out
+    assert metrics(out)["train"]["losses"] == pytest.approx(metrics(runs[source])["train"]["losses"], abs=1e-5)
+    assert_same_adapter(runs[source], out)
+
+
+def test_a_state_of_another_order_is_refused(backend_runs):
+    """A controller state written with one order cannot be loaded onto a base permuted by another."""
+    from flexrank.adapters.registry import load_run
+
+    _, runs = backend_runs
+    finished = load_run(runs["single"])
+    state = finished.method.controller.state_dict()
+    flipped = {k: v.flip(0) for k, v in state["base_order"].items()}
+    with pytest.raises(ValueError, match="channel order differs"):
+        finished.method.controller.load_state_dict({**state, "base_order": flipped})

@@ -19,6 +19,7 @@ class AdapterMethod:
         self.cfg = cfg
         self.model = None  # the trainable model (peft or nncf-compressed), once built or loaded
         self.controller: RankController | None = None
+        self.resume_from: Path | None = None  # the checkpoint a resumed training continues from (set before build)
 
     # --- training
     def build(self, base_model, plan: StepPlan, sample: Callable[[], dict]) -> None:

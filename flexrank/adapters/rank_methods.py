@@ -147,15 +147,24 @@ class ElasticMethod(RankMethod):
                     return
                 yield batch
 
-        order = importance.broadcast_order(importance.compute_order(self.model, targets, e.importance, batches))
+        order = self._checkpoint_order()  # a resumed run: the order it was trained with, not a new measurement
+        source = f"from {self.resume_from.name}" if order is not None else "measured"
+        if order is None:
+            order = importance.broadcast_order(importance.compute_order(self.model, targets, e.importance, batches))
         moved = importance.apply_order(self.model, order)
         units = sum(p.numel() for p in order.values())
         self.order = order
         self.importance_report = {"method": e.importance, "groups": len(order), "units": units, "moved": moved,
                                   **({"samples": e.importance_samples} if e.importance == "activation" else {})}
         if env.is_main_process():
-            print(f"[flexrank] importance ordering ({e.importance}): {len(order)} base-width groups, "
+            print(f"[flexrank] importance ordering ({e.importance}, {source}): {len(order)} base-width groups, "
                   f"{moved} of {units} channels/head groups moved")
+
+    def _checkpoint_order(self) -> dict | None:
+        path = self.resume_from / STATE_FILE if self.resume_from is not None else None
+        if path is None or not path.is_file():
+            return None
+        return torch.load(path, weights_only=True).get("base_order")  # absent in checkpoints of older versions
 
     def save_supernet_extras(self, folder: Path) -> None:
         if self.order is not None:
@@ -170,8 +179,8 @@ class ElasticMethod(RankMethod):
                 importance.apply_order(model, order)
             return model
 
+        self.order = order  # before super().load builds the controller, which checks its saved order
         super().load(run_dir, ordered_base, plan_of)
-        self.order = order
 
     def plain_state_transform(self):
         if self.order is None:
@@ -185,7 +194,8 @@ class ElasticMethod(RankMethod):
         masked, modules = space.base_module_widths(space.maximal()), dict(self.model.named_modules())
         masks = BaseMasks(self.model, {m: modules[m].in_features for m in masked}) if masked else None
         return ElasticController(layers, space, seed=e.seed if e.seed is not None else plan.seed,
-                                 steps_per_epoch=plan.steps_per_epoch, sandwich=e.sandwich, base_masks=masks)
+                                 steps_per_epoch=plan.steps_per_epoch, sandwich=e.sandwich, base_masks=masks,
+                                 base_order=self.order)
 
     def evaluate_after(self, evaluate, main: bool) -> dict:
         from ..elastic.cost import CostModel, format_size_report, size_report

@@ -14,8 +14,11 @@ SUBNETS = ("maximal", "heuristic", "minimal")
 class ElasticController(RankController):
     def __init__(self, layers: dict[str, RankLoraLinear], space: SearchSpace, seed: int,
                  steps_per_epoch: int, sandwich: bool = False, adapter: str = "default",
-                 base_masks: BaseMasks | None = None):
+                 base_masks: BaseMasks | None = None, base_order: dict[str, torch.Tensor] | None = None):
         super().__init__(layers, adapter)
+        # The importance order applied to the base's channels before training (elastic/importance.py): kept in every
+        # checkpoint, so a resumed run permutes its fresh base exactly as the run that wrote the checkpoint did.
+        self.base_order = base_order
         self.space, self.seed, self.steps_per_epoch, self.sandwich = space, seed, steps_per_epoch, sandwich
         # The base-width groups' activation masks (LoNAS elastic MLP / heads), set with the ranks on every activate.
         self.base_masks = base_masks
@@ -77,10 +80,17 @@ class ElasticController(RankController):
                 "elastic/mean_group_width": sum(widths) / max(len(widths), 1)}
 
     def state_dict(self) -> dict:
-        # Sampling is a pure function of (seed, step): the seed, the active config and the losses are all there is.
-        return {"seed": self.seed, "config": dict(self.config), "losses": self.step_losses()}
+        # Sampling is a pure function of (seed, step): the seed, the active config, the losses (and the base order)
+        # are all there is.
+        state = {"seed": self.seed, "config": dict(self.config), "losses": self.step_losses()}
+        return state if self.base_order is None else {**state, "base_order": self.base_order}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("base_order")
+        if saved is not None and (self.base_order is None or saved.keys() != self.base_order.keys() or
+                                  not all(torch.equal(saved[k], self.base_order[k]) for k in saved)):
+            raise ValueError("the base's channel order differs from the one the state was trained with "
+                             "(adapter.elastic.importance): the adapter would not fit the base")
         self.seed = state["seed"]
         self.losses = dict(state.get("losses", {}))  # absent in states written before losses were recorded
         self.activate(state["config"])
