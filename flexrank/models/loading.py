@@ -7,8 +7,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from .assets import resolve_model
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .kernels import choose_attention
-
+from .kernels import VARLEN, choose_attention, expected_varlen_backend
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -58,10 +57,16 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_base_model(cfg: ModelConfig, tokenizer, log=print):
-    """The frozen base model, with the attention kernel chosen at run time (the log says which)."""
+def load_base_model(cfg: ModelConfig, tokenizer, log=print, packing: bool = False):
+    """The frozen base model, with the attention kernel chosen at run time for the batches it will see (packed rows
+    or not); the log says which."""
     path = _model_path(cfg)
-    attn, why = choose_attention(cfg.attn_implementation, cfg.dtype)
+    attn, why = choose_attention(cfg.attn_implementation, cfg.dtype, packing=packing)
+    if attn == VARLEN:
+        from . import varlen
+
+        varlen.register()
+        varlen.announce(expected_varlen_backend(cfg.dtype)[0])
     log(f"[flexrank] attention kernel: {attn} ({why})")
     kwargs = {"dtype": _dtype(cfg.dtype), "attn_implementation": attn, "trust_remote_code": cfg.trust_remote_code,
               **_quantization(cfg)}
