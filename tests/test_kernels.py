@@ -123,3 +123,78 @@ def test_model_loads_with_the_chosen_kernel(tiny_llama_dir):
     assert model.config._attn_implementation == "flexrank_varlen"
     assert lines[0] == "[flexrank] attention kernel: flexrank_varlen ({})".format(PACKED_CPU[1])
 
+
+def test_model_loading_fetches_no_hub_kernel(tiny_llama_dir, monkeypatch):
+    """transformers 5.x kernelises a loaded model with Hub kernels by default; flexrank loads with use_kernels off
+    (USE_HUB_KERNELS unset), works offline, and says so."""
+    import kernels as kernels_package
+    from huggingface_hub import constants
+    from transformers import PreTrainedModel
+
+    from flexrank.config import load_config
+    from flexrank.models import hub_kernels
+    from flexrank.models.loading import load_base_model, load_tokenizer
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a Hub kernel was fetched or a model kernelised")
+
+    asked = []
+    set_use_kernels = PreTrainedModel.set_use_kernels
+
+    def spy(self, use_kernels, *args, **kwargs):
+        asked.append(use_kernels)
+        return set_use_kernels(self, use_kernels, *args, **kwargs)
+
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", spy)
+    monkeypatch.setattr(kernels_package, "kernelize", no_hub)
+    monkeypatch.setattr(kernels_package.get_kernel, "__wrapped__", no_hub)  # the real fetch, behind flexrank's guard
+    monkeypatch.setattr("transformers.integrations.hub_kernels._kernels_kernelize", no_hub)
+    cfg = load_config(raw={"model": {"name_or_path": str(tiny_llama_dir)}})
+    lines = []
+    model = load_base_model(cfg.model, load_tokenizer(cfg.model), log=lines.append)
+    assert asked == [False] and model.use_kernels is False
+    assert lines[-1].startswith("[flexrank] hub kernels: off (set USE_HUB_KERNELS=YES to let transformers / "
+                                "bitsandbytes fetch kernels from the Hub)")
+    assert not hub_kernels.allowed()
+
+
+def test_hub_kernels_are_refused_unless_asked(monkeypatch):
+    """flexrank guards `kernels.get_kernel` from its own import on (bitsandbytes calls it when imported on an
+    AVX512-BF16 CPU, peft imports bitsandbytes): refused and recorded unless USE_HUB_KERNELS=YES."""
+    import kernels as kernels_package
+
+    from flexrank.models import hub_kernels
+
+    assert getattr(kernels_package.get_kernel, "_flexrank_guard", False)  # installed by `import flexrank`
+    fetched = []
+    guarded = hub_kernels._guarded(lambda repo, **kw: fetched.append(repo) or "kernel")
+    monkeypatch.setattr(hub_kernels, "refused", [])
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    with pytest.raises(hub_kernels.HubKernelsOff, match="kernels-community/quantization-bitsandbytes not fetched"):
+        guarded("kernels-community/quantization-bitsandbytes", version=1)
+    assert fetched == [] and hub_kernels.refused == ["kernels-community/quantization-bitsandbytes"]
+    assert hub_kernels.decision().endswith("; not fetched: kernels-community/quantization-bitsandbytes")
+    monkeypatch.setenv("USE_HUB_KERNELS", "yes")  # the user's word
+    assert guarded("kernels-community/activation", version=1) == "kernel" and fetched == ["kernels-community/activation"]
+    assert hub_kernels.decision().startswith("on (USE_HUB_KERNELS=yes)")
+
+
+def test_importing_flexrank_first_keeps_bitsandbytes_from_fetching_its_hub_kernel():
+    """The real import order of a run, in a fresh offline process: flexrank, then peft (which imports bitsandbytes;
+    on an AVX512-BF16 CPU bitsandbytes asks the Hub for a CPU kernel). Nothing is fetched, nothing is printed."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import flexrank, peft, kernels; from flexrank.models import hub_kernels; "
+            "print(kernels.get_kernel._flexrank_guard, sorted(set(hub_kernels.refused)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}.items()
+                               if k != "USE_HUB_KERNELS"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    guarded, refused = proc.stdout.split(" ", 1)
+    assert guarded == "True"
+    assert refused.strip() in ("[]", "['kernels-community/quantization-bitsandbytes']")  # [] without AVX512-BF16
+    assert "kernels-community" not in proc.stderr

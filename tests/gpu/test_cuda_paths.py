@@ -168,3 +168,4 @@ def test_auto_with_packing_in_bf16_runs_a_varlen_kernel(tiny_llama_dir):
         assert attn == "flexrank_varlen" and "packed rows via torch varlen" in lines[0]
     else:
         pytest.skip(f"neither flash-attn nor torch varlen here: {lines[0]}")
+    assert model.use_kernels is False and lines[-1].startswith("[flexrank] hub kernels: off")
