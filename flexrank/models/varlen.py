@@ -21,6 +21,7 @@ mask, as many keys as queries)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -144,14 +145,20 @@ def backend_for(device, dtype, sliding_window=None, softcap=None, dropout: float
     return backend
 
 
+@functools.cache
+def _varlen_attn_has_window() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
 def _torch_varlen(q, k, v, cu, max_len: int, scaling, window):
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:  # torch >= 2.12: causal is window (-1, 0), GQA and scale are keywords
+    if _varlen_attn_has_window():  # newer torch (2.13 here): causal is window (-1, 0); scale and GQA are keywords
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=window,
                            enable_gqa=q.shape[1] != k.shape[1])
-    # torch 2.9-2.11: is_causal only, the default scale, no window, no GQA flag
+    # the API's first releases: is_causal, the default scale only, no window, no GQA flag
     if window[0] != -1:
         raise ValueError(f"{ATTENTION_NAME}: this torch's varlen_attn has no sliding window; install flash-attn")
     if scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
