@@ -22,6 +22,10 @@ from run import Variant, measure  # noqa: E402
 ROWS = [
     ("LoRA, SDPA, padded", "lora", False, {"attn_implementation": "sdpa"}),
     ("LoRA, SDPA, packed", "lora", True, {"attn_implementation": "sdpa"}),
+    # flexrank's varlen attention for packed rows (flash-attn / torch varlen in bf16, SDPA per document in fp32):
+    # no dense mask, no cuDNN plan per step; bf16 should be at least as fast as fp32 here
+    ("LoRA, varlen, packed, fp32", "lora", True, {"attn_implementation": "varlen"}),
+    ("LoRA, varlen, packed, bf16", "lora", True, {"attn_implementation": "varlen", "dtype": "bfloat16"}),
     ("LoRA, flash-attn 2, packed", "lora", True, {"attn_implementation": "flash_attention_2"}),
     ("LoRA, flash-attn 2 + liger, packed", "lora", True, {"attn_implementation": "flash_attention_2", "liger_kernel": True}),
     ("QLoRA, flash-attn 2, packed", "qlora", True, {"attn_implementation": "flash_attention_2"}),

@@ -130,7 +130,7 @@ def build(spec: dict, cfg, clock: StepClock):
     args = training_arguments(cfg)
     collator = CountingCollator(data_lib.make_collator(tokenizer, cfg.data.packing))
     with zero3_init_as_configured(args):
-        model = load_base_model(cfg.model, tokenizer, log=lambda *_: None)
+        model = load_base_model(cfg.model, tokenizer, log=lambda *_: None, packing=cfg.data.packing)
     method = method_for(cfg)  # as flexrank train builds it (nncf_int4 included)
     method.build(model, step_plan(args, len(dataset)), lambda: data_lib.make_collator(tokenizer, False)([dataset[0]]))
     trainer = FlexTrainer(model=method.model, args=args, train_dataset=dataset, data_collator=collator,

@@ -54,7 +54,7 @@ class ModelConfig(_Section):
     task_type: Literal["causal_lm", "seq_cls"] = "causal_lm"
     num_labels: int = Field(2, ge=2)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = "auto"
     liger_kernel: Literal["auto", True, False] = False
     quantization: QuantizationConfig | None = None
     gradient_checkpointing: bool = False
@@ -388,6 +388,9 @@ class RunConfig(_Section):
         if self.model.task_type == "seq_cls" and self.data.packing:
             raise ConfigError("data.packing", True, "false with model.task_type seq_cls",
                               "packing applies to causal_lm only")
+        if self.model.attn_implementation == "varlen" and not self.data.packing:
+            raise ConfigError("model.attn_implementation", "varlen", "auto, flash_attention_2, sdpa or eager with "
+                              "data.packing false", "varlen attention is for packed rows: set data.packing: true")
         return self
 
     def _nncf_combinations(self):

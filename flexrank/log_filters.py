@@ -16,7 +16,8 @@ HARMLESS_LOG_LINES: dict[str, tuple[str, ...]] = {
     "torchao.kernel.intmm": (r"Detected no triton",),  # CPU machines have no triton; nothing to do
     # torchao registers Enum subclasses with torch's pytree on every `from transformers import Trainer`
     "torch.utils._pytree": (r"is an Enum subclass and is now natively supported by torch\.compile",),
-    # bitsandbytes' optional CPU kernel from the hub (`kernels` package); the built-in CPU path is used instead
+    # bitsandbytes' optional CPU kernel from the hub (`kernels` package), refused unless USE_HUB_KERNELS=YES
+    # (models/hub_kernels.py; the model-loading log line names it); the built-in CPU path is used instead
     "bitsandbytes.backends.cpu.ops": (r"^Failed to load CPU gemm_4bit_forward from kernels-community",),
 }
 

@@ -66,7 +66,7 @@ def _train(cfg: RunConfig, preemption: PreemptionCallback) -> dict:
         return evaluate_run(cfg, model, tokenizer, run_data, eval_set, eval_collator)
 
     with zero3_init_as_configured(args):
-        model = load_base_model(cfg.model, tokenizer)
+        model = load_base_model(cfg.model, tokenizer, packing=cfg.data.packing)
     metrics: dict = {"data": {"train": len(train_set), "eval": len(eval_set)},
                      "truncation": {k: train_tokens.stats[k] for k in ("truncated", "dropped")}}
     if cfg.adapter.sparsity:

@@ -3,6 +3,9 @@ they are built once per machine, not once per test run."""
 
 import os
 
+# flexrank first, as in a run: its import-time guards (log filters, no Hub kernels) must precede the test modules'
+# imports of transformers, peft and bitsandbytes
+import flexrank  # noqa: F401
 import pytest
 import torch
 

@@ -21,6 +21,7 @@ from ..controllers.elastic import ElasticController
 from ..elastic.search_space import space_from_nncf, space_from_spec
 from ..errors import ConfigError
 from ..io import atomic_path, file_sha256, mark_owned, write_json
+from ..models.kernels import VARLEN
 from ..training.transformers_internals import attention_kernel
 from .export import save_export
 from .method import AdapterMethod, save_plain_adapter
@@ -274,6 +275,10 @@ def _rebuild_int4(folder: Path, spec: dict, path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    if spec["attn_implementation"] == VARLEN:  # flexrank's own attention for packed rows: registered on use
+        from ..models import varlen
+
+        varlen.register()
     model = AutoModelForCausalLM.from_config(config, dtype=_dtype(spec["dtype"], folder),
                                              attn_implementation=spec["attn_implementation"], trust_remote_code=False)
     if type(model).__name__ != spec["architecture"]:

@@ -241,10 +241,15 @@ class PaddingCollator:
 class PackingCollator(DataCollatorWithFlattening):
     """Padding-free batches: the examples concatenated into one row, position_ids restarting at each.
 
-    The attention keeps the examples apart: flash-attention via varlen, sdpa/eager via a block-diagonal mask
-    that transformers builds from the position_ids. The first label of each example is -100, so no loss
-    crosses a boundary either.
+    The attention keeps the examples apart. The batch carries their boundaries as `cu_seq_lens_q/k` (int32,
+    cumulative lengths) and `max_length_q/k` (python ints), computed here on the CPU so the model needs no host sync
+    to find them: flexrank's varlen attention and flash-attention run each example on its own with them; sdpa/eager
+    ignore them and take a dense block-diagonal mask that transformers builds from the position_ids. The first
+    label of each example is -100, so no loss crosses a boundary either.
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"return_flash_attn_kwargs": True, **kwargs})
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         batch = super().__call__(features, return_tensors, separator_id)

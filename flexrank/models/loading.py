@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from .assets import resolve_model
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .kernels import choose_attention
-
+from . import hub_kernels
+from .kernels import VARLEN, choose_attention, expected_varlen_backend
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -58,17 +58,26 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_base_model(cfg: ModelConfig, tokenizer, log=print):
-    """The frozen base model, with the attention kernel chosen at run time (the log says which)."""
+def load_base_model(cfg: ModelConfig, tokenizer, log=print, packing: bool = False):
+    """The frozen base model, with the attention kernel chosen at run time for the batches it will see (packed rows
+    or not) and the Hub-kernel decision; the log says both."""
     path = _model_path(cfg)
-    attn, why = choose_attention(cfg.attn_implementation, cfg.dtype)
+    attn, why = choose_attention(cfg.attn_implementation, cfg.dtype, packing=packing)
+    if attn == VARLEN:
+        from . import varlen
+
+        varlen.register()
+        varlen.announce(expected_varlen_backend(cfg.dtype)[0])
     log(f"[flexrank] attention kernel: {attn} ({why})")
+    # transformers 5.x would kernelise the model with kernels fetched from the Hub (use_kernels defaults to True):
+    # only where the user asked (USE_HUB_KERNELS=YES; see hub_kernels.py).
     kwargs = {"dtype": _dtype(cfg.dtype), "attn_implementation": attn, "trust_remote_code": cfg.trust_remote_code,
-              **_quantization(cfg)}
+              "use_kernels": hub_kernels.allowed(), **_quantization(cfg)}
     if cfg.task_type == "seq_cls":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=cfg.num_labels, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    log(f"[flexrank] hub kernels: {hub_kernels.decision()}")
     model.config.pad_token_id = tokenizer.pad_token_id
     if _bitsandbytes(cfg):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,

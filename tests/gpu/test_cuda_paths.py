@@ -93,3 +93,79 @@ def test_one_process_ddp_with_nccl(tiny_llama_dir, tmp_path):
     m = metrics(out)
     assert m["train"]["world_size"] == 1 and len(m["train"]["losses"]) == 6
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.fixture()
+def varlen_backends():
+    from flexrank.models import varlen
+
+    varlen.register()
+    varlen._backends.clear()
+    varlen.announce(None)
+    yield varlen
+    varlen._backends.clear()
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen", "sdpa"])
+def test_varlen_backends_match_the_padded_batch_in_bf16(backend, varlen_backends, monkeypatch):
+    """Packed rows through each backend of flexrank's varlen attention (flash-attn, torch's varlen_attn, SDPA per
+    document without cuDNN) give the padded batch's loss, logits and gradients in bf16 (CPU twin:
+    test_varlen.py, SDPA per document in fp32)."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from flexrank.data.records import PackingCollator, PaddingCollator
+    from flexrank.models import kernels
+
+    if backend == "flash_attn":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed here (optional: pip install 'flexrank[gpu]')")
+    else:
+        monkeypatch.setattr(kernels, "_flash_attn_missing", lambda: "left out by this test")
+    if backend == "torch_varlen" and (missing := kernels._torch_varlen_missing()):
+        pytest.skip(f"torch varlen: {missing}")
+    if backend == "sdpa":
+        monkeypatch.setattr(kernels, "_torch_varlen_missing", lambda: "left out by this test")
+    assert varlen_backends.backend_for(torch.device("cuda"), torch.bfloat16) == backend
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).to("cuda", torch.bfloat16).train()  # GQA: 4 heads, 2 KV heads
+    g = torch.Generator().manual_seed(1)
+    features = [{"input_ids": (ids := torch.randint(0, 1000, (n,), generator=g).tolist()), "labels": ids}
+                for n in (5, 130, 17, 64, 2, 90)]
+    runs = {}
+    for name, batch, attention in (("padded", PaddingCollator(0)(features), "sdpa"),
+                                   ("packed", PackingCollator()(features), varlen_backends.ATTENTION_NAME)):
+        model.config._attn_implementation = attention
+        model.zero_grad()
+        out = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()})
+        out.loss.backward()
+        runs[name] = out, {n: p.grad.float().clone() for n, p in model.named_parameters() if "self_attn" in n}
+    (ref, ref_grads), (out, grads) = runs["padded"], runs["packed"]
+    assert torch.isfinite(out.loss) and out.loss.item() == pytest.approx(ref.loss.item(), abs=2e-2)
+    offset = 0
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        torch.testing.assert_close(out.logits[0, offset:offset + n].float(), ref.logits[row, :n].float(),
+                                   atol=5e-2, rtol=0)  # bf16 kernels: same function, different summation
+        offset += n
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=2e-2, rtol=5e-2, msg=name)
+
+
+def test_auto_with_packing_in_bf16_runs_a_varlen_kernel(tiny_llama_dir):
+    """The choice a packed bf16 run gets on this GPU: flash-attn (transformers' varlen path) or flexrank's varlen
+    attention with torch's kernel; never SDPA with a dense mask."""
+    from flexrank.models import kernels
+    from flexrank.models.loading import load_base_model, load_tokenizer
+
+    cfg = _config(tiny_llama_dir)
+    lines = []
+    model = load_base_model(cfg.model, load_tokenizer(cfg.model), log=lines.append, packing=True)
+    attn = model.config._attn_implementation
+    if kernels._flash_attn_missing() is None:
+        assert attn == "flash_attention_2" and "packed rows via its varlen kernel" in lines[0]
+    elif kernels._torch_varlen_missing() is None:
+        assert attn == "flexrank_varlen" and "packed rows via torch varlen" in lines[0]
+    else:
+        pytest.skip(f"neither flash-attn nor torch varlen here: {lines[0]}")
+    assert model.use_kernels is False and lines[-1].startswith("[flexrank] hub kernels: off")
