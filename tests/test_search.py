@@ -282,3 +282,56 @@ def test_search_on_choice_scores_subnets_as_flexrank_eval_does(elastic_run, tmp_
     assert float(maximal["metric"]) == pytest.approx(evaluated["choice"])
     assert len(labels) > 1 and evaluated["choice_labels"] == len(labels)
     assert json.loads((run_dir / "search" / "search_best.json").read_text())["config"] == best["config"]
+
+
+TOPIC_SENTENCES = {
+    "sport": ["The striker scored twice in the final", "The team won the league after a late goal",
+              "The runner broke the record at the stadium", "Fans cheered as the match went to penalties"],
+    "business": ["Shares fell after the company cut its profit forecast", "The bank raised interest rates again",
+                 "The firm reported higher quarterly sales", "Investors sold bonds as inflation rose"],
+    "science": ["Researchers measured the speed of the particles", "The telescope found a new planet",
+                "Chemists made a stronger battery material", "The study tracked cells under the microscope"],
+}
+
+
+def test_search_on_choice_of_a_topic_file_runs_and_exports_its_best_subnet(tiny_llama_dir, tmp_path):
+    """A user's topic-classification file (instruction/input/output records, eval.metrics [choice] with the topics
+    as choices): the search scores subnets by choice accuracy, and its best subnet exports as a plain adapter that
+    stock peft loads with the supernet's logits for that subnet."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from flexrank.adapters.registry import load_run
+    from flexrank.config import load_config
+    from flexrank.elastic import search as search_mod
+    from flexrank.run import train
+
+    records = [{"instruction": "Which topic is this sentence about? Answer with one word.", "input": text,
+                "output": topic} for topic, texts in TOPIC_SENTENCES.items() for text in texts]
+    (tmp_path / "train.json").write_text(json.dumps(records * 4))
+    (tmp_path / "held_out.json").write_text(json.dumps(records))
+    run_dir = tmp_path / "run"
+    topics = sorted(TOPIC_SENTENCES)
+    train(load_config(recipe(tmp_path, tiny_llama_dir, "elastic", max_steps=4), [
+        f"training.output_dir={run_dir}", "data.task=null", f"data.path={tmp_path / 'train.json'}",
+        f"data.eval_path={tmp_path / 'held_out.json'}", "eval.after=true", "eval.metrics=[choice]",
+        f"eval.choices={json.dumps(topics)}", "adapter.elastic.evaluate_subnets=[maximal]",
+        "adapter.elastic.export_subnet=maximal"]))
+    best = search_mod.search(run_dir, ["search.metric=auto", "search.num_evals=4", "search.population=4",
+                                       "search.seed=1", "search.acc_delta=1"])
+    assert best["metric_name"] == "choice" and best["eval_records"] == [0, len(records)]
+    rows = _rows(run_dir)
+    maximal = next(r for r in rows if r["source"] == "maximal")
+    run_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert float(maximal["metric"]) == pytest.approx(run_metrics["subnets"]["maximal"]["choice"])
+    assert best["macs"] == min(int(r["macs"]) for r in rows)  # acc_delta 1: every subnet qualifies, the smallest wins
+    out = tmp_path / "adapter"
+    _flexrank("export", run_dir, "--subnet", run_dir / "search" / "search_best.json", "--out", out)
+    finished = load_run(run_dir)
+    finished.method.activate(best["config"])
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, finished.model.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
