@@ -151,6 +151,14 @@ class DataConfig(_Section):
         return self
 
 
+class DistillConfig(_Section):
+    """In-place distillation (BigNAS, Once-for-All): a sampled subnet other than the maximal one also learns the
+    maximal subnet's output on the same batch; its loss is (1 - weight) x the labels' loss + weight x T^2 x
+    KL(teacher/T || student/T) over the labelled tokens (elastic/distillation.py)."""
+    weight: float = Field(0.5, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
 class ElasticConfig(_Section):
     """Exactly one of `search_space` (flexrank YAML form) or `nncf_config` (a LoNAS/Shears NNCF JSON)."""
     search_space: dict[str, Any] | None = None
@@ -163,9 +171,18 @@ class ElasticConfig(_Section):
     importance: Literal["none", "activation", "magnitude"] = "none"
     importance_samples: int = Field(64, gt=0)
     sandwich: bool = False
+    # In-place distillation from the maximal subnet: a {weight, temperature} section, `true` for the defaults
+    distill: DistillConfig | None = None
     seed: int | None = None
     evaluate_subnets: list[str] = Field(default_factory=lambda: ["maximal", "heuristic", "minimal"])
     export_subnet: str | dict[str, int] = "heuristic"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distill_shorthand(cls, raw):
+        if isinstance(raw, dict) and isinstance(raw.get("distill"), bool):  # true: the defaults; false: off
+            raw = {**raw, "distill": {} if raw["distill"] else None}
+        return raw
 
     @model_validator(mode="after")
     def _one_space(self):
@@ -385,6 +402,9 @@ class RunConfig(_Section):
             raise ConfigError("adapter.elastic.sandwich", True, f"false with distributed.backend {backend}",
                               "DeepSpeed steps inside every backward, so several backward passes per "
                               "micro-batch would each count as a micro-step")
+        if elastic is not None and elastic.distill is not None and self.model.liger_kernel is True:
+            raise ConfigError("model.liger_kernel", True, "false or auto with adapter.elastic.distill",
+                              "liger's fused cross-entropy never materialises the logits the distillation compares")
         if self.model.task_type == "seq_cls" and self.data.packing:
             raise ConfigError("data.packing", True, "false with model.task_type seq_cls",
                               "packing applies to causal_lm only")
@@ -417,6 +437,9 @@ class RunConfig(_Section):
         if self.adapter.elastic is not None and self.adapter.elastic.importance != "none":
             raise ConfigError("adapter.elastic.importance", self.adapter.elastic.importance,
                               f"none with {q.method}", "the INT4 paths make only adapter ranks elastic")
+        if self.adapter.elastic is not None and self.adapter.elastic.distill is not None:
+            raise ConfigError("adapter.elastic.distill", self.adapter.elastic.distill.model_dump(),
+                              f"unset with {q.method}", "in-place distillation is not tested on nncf's quantizers")
 
 
 TRAINING_DEFAULTS = {

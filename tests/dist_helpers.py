@@ -15,12 +15,18 @@ from flexrank.launcher.launch import free_port  # noqa: F401  (re-exported for t
 ROOT = Path(__file__).resolve().parents[1]
 
 
+ELASTIC = {"method": "elastic", "r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+           "elastic": {"search_space": {"groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
+                                        "widths": [8, 6, 4]}, "evaluate_subnets": []}}
+
+
 def recipe(tmp: Path, model_dir: Path, method: str = "lora", **training) -> Path:
     adapter = {
         "lora": {"method": "lora", "r": 4},
-        "elastic": {"method": "elastic", "r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-                    "elastic": {"search_space": {"groups": [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]],
-                                                 "widths": [8, 6, 4]}, "evaluate_subnets": []}},
+        "elastic": ELASTIC,
+        # In-place distillation from the maximal subnet (a second, no-grad forward per micro-batch).
+        "elastic_distill": {**ELASTIC, "elastic": {**ELASTIC["elastic"],
+                                                   "distill": {"weight": 0.5, "temperature": 2.0}}},
         # Thresholds large enough that some (normally initialised) gates reach exact zeros within 6 steps.
         "sora": {"method": "sora", "r": 4, "sora": {"sparse_lambda": 0.1, "threshold": 0.05, "gate_init": "normal",
                                                     "schedule": {"dense_steps": 2}}},

@@ -24,9 +24,9 @@ class RecordingElastic(ElasticController):
         self.records.append({"step": step, "pass": pass_index, "config": dict(self.config), "masks": masks})
 
 
-def elastic_supernet(model, seed=7, sandwich=False, steps_per_epoch=100, base_widths=None):
+def elastic_supernet(model, seed=7, sandwich=False, steps_per_epoch=100, base_widths=None, distill=None):
     """`base_widths` (the recipe form, e.g. {"mlp": [1.0, 0.75, 0.5]}): elastic base widths too, applied by
-    BaseMasks as flexrank.run builds them."""
+    BaseMasks as flexrank.run builds them. `distill`: an elastic.distillation.Distillation."""
     cfg = register_rank_layer(LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
     peft_model = get_peft_model(model, cfg)
     layers = rank_layers(peft_model)
@@ -36,7 +36,7 @@ def elastic_supernet(model, seed=7, sandwich=False, steps_per_epoch=100, base_wi
     masked = space.base_module_widths(space.maximal())
     masks = BaseMasks(peft_model, {m: modules[m].in_features for m in masked}) if masked else None
     return peft_model, RecordingElastic(layers, space, seed=seed, steps_per_epoch=steps_per_epoch, sandwich=sandwich,
-                                        base_masks=masks)
+                                        base_masks=masks, distill=distill)
 
 
 class ProgressionData(torch.utils.data.Dataset):

@@ -45,6 +45,20 @@ BAD = [
      ["bnb_4bit_quant_storage", "'uint8'", "bfloat16"]),
     ({"adapter": {"method": "elastic", "elastic": {"search_space": {}, "sandwich": True}},
       "distributed": {"backend": "zero3", "nproc": 2}}, ["adapter.elastic.sandwich", "zero3"]),
+    ({"adapter": {"method": "elastic", "elastic": {"search_space": {}, "distill": {"weight": 0}}}},
+     ["adapter.elastic.distill.weight", "0", "greater than 0"]),
+    ({"adapter": {"method": "elastic", "elastic": {"search_space": {}, "distill": {"weight": 1.5}}}},
+     ["adapter.elastic.distill.weight", "1.5", "less than or equal to 1"]),
+    ({"adapter": {"method": "elastic", "elastic": {"search_space": {}, "distill": {"temperature": -1}}}},
+     ["adapter.elastic.distill.temperature", "-1", "greater than 0"]),
+    ({"adapter": {"method": "elastic", "elastic": {"search_space": {}, "distill": {"alpha": 0.5}}}},
+     ["adapter.elastic.distill.alpha", "unknown key", "weight"]),
+    ({"model": {"liger_kernel": True},
+      "adapter": {"method": "elastic", "elastic": {"search_space": {}, "distill": True}}},
+     ["model.liger_kernel", "adapter.elastic.distill"]),
+    ({"model": {"quantization": {"method": "nncf_int4"}},
+      "adapter": {"method": "elastic", "elastic": {"search_space": {}, "distill": True}}},
+     ["adapter.elastic.distill", "nncf_int4"]),
 ]
 
 

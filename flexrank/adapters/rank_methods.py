@@ -15,6 +15,7 @@ from ..controllers import AdaLoRAController, ElasticController, SoRAController
 from ..controllers.base import STATE_FILE, StepPlan
 from ..elastic import importance
 from ..elastic.base_masks import BaseMasks, find_base_targets
+from ..elastic.distillation import Distillation
 from ..elastic.search_space import elastic_space
 from ..distributed import env
 from ..errors import ConfigError
@@ -193,9 +194,10 @@ class ElasticMethod(RankMethod):
         space = self._space()
         masked, modules = space.base_module_widths(space.maximal()), dict(self.model.named_modules())
         masks = BaseMasks(self.model, {m: modules[m].in_features for m in masked}) if masked else None
+        distill = Distillation(**e.distill.model_dump()) if e.distill is not None else None
         return ElasticController(layers, space, seed=e.seed if e.seed is not None else plan.seed,
                                  steps_per_epoch=plan.steps_per_epoch, sandwich=e.sandwich, base_masks=masks,
-                                 base_order=self.order)
+                                 base_order=self.order, distill=distill)
 
     def evaluate_after(self, evaluate, main: bool) -> dict:
         from ..elastic.cost import CostModel, format_size_report, size_report

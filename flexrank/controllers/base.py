@@ -5,6 +5,7 @@ optimizer step; it never edits a parameter behind the optimizer's back (under Ze
 fp32 master copy and such an edit is silently undone).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,19 @@ class StepPlan:
     gradient_accumulation_steps: int
     seed: int
     learning_rate: float
+
+
+@dataclass(frozen=True)
+class LossNormalisation:
+    """How the Trainer normalised the labels' loss of one micro-batch (training/transformers_internals.py), so that a
+    term over the same items can be normalised alike: the items' losses summed and divided by `items` (transformers'
+    num_items_in_batch: the labelled items of the whole optimizer step, all micro-batches and processes), or, with
+    `items` None, averaged over this micro-batch's labelled items; then multiplied by `factor` (the number of
+    processes, which the gradients' average divides out again). `divisor`: what the training step then divides the
+    loss by (the gradient accumulation steps, or 1 when the loss is normalised over the whole step already)."""
+    items: torch.Tensor | int | None = None
+    factor: float = 1.0
+    divisor: float = 1.0
 
 
 class RankController:
@@ -63,6 +77,18 @@ class RankController:
     def on_final_gradients(self) -> None:
         """Runs once per optimizer step when its gradients are final (accumulated, averaged over processes),
         before the optimizer uses them; on every process (gathering sharded values is a collective)."""
+
+    def teacher_logits(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """In-place distillation: called in each training pass before the pass's own forward. The logits the pass
+        learns from besides its labels (`forward()` runs the model on the pass's batch, without its labels; the
+        controller sets the teacher's masks around it and restores the pass's), or None."""
+        return None
+
+    def distilled_loss(self, loss: torch.Tensor, logits: torch.Tensor | None, teacher: torch.Tensor | None,
+                       batch: dict, norm: LossNormalisation) -> torch.Tensor:
+        """The training loss of the pass, from its labels' loss `loss` (as the Trainer computed it, normalised as
+        `norm` says), its `logits`, and `teacher` (what teacher_logits returned) on `batch` (with its labels)."""
+        return loss
 
     def extra_loss(self) -> torch.Tensor | None:
         """A term added to the training loss (regulariser), or None."""

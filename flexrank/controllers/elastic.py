@@ -1,12 +1,16 @@
-"""Elastic LoRA supernet (LoNAS / Shears NLS): a nested sub-rank per module group, sampled per optimizer step."""
+"""Elastic LoRA supernet (LoNAS / Shears NLS): a nested sub-rank per module group, sampled per optimizer step;
+optionally with in-place distillation from the maximal subnet (elastic/distillation.py)."""
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from ..adapters.rank_layer import RankLoraLinear
 from ..elastic.base_masks import BaseMasks
+from ..elastic.distillation import Distillation
 from ..elastic.search_space import SearchSpace
-from .base import RankController
+from .base import LossNormalisation, RankController
 
 SUBNETS = ("maximal", "heuristic", "minimal")
 
@@ -14,12 +18,14 @@ SUBNETS = ("maximal", "heuristic", "minimal")
 class ElasticController(RankController):
     def __init__(self, layers: dict[str, RankLoraLinear], space: SearchSpace, seed: int,
                  steps_per_epoch: int, sandwich: bool = False, adapter: str = "default",
-                 base_masks: BaseMasks | None = None, base_order: dict[str, torch.Tensor] | None = None):
+                 base_masks: BaseMasks | None = None, base_order: dict[str, torch.Tensor] | None = None,
+                 distill: Distillation | None = None):
         super().__init__(layers, adapter)
         # The importance order applied to the base's channels before training (elastic/importance.py): kept in every
         # checkpoint, so a resumed run permutes its fresh base exactly as the run that wrote the checkpoint did.
         self.base_order = base_order
         self.space, self.seed, self.steps_per_epoch, self.sandwich = space, seed, steps_per_epoch, sandwich
+        self.distill = distill
         # The base-width groups' activation masks (LoNAS elastic MLP / heads), set with the ranks on every activate.
         self.base_masks = base_masks
         if base_masks is None and space.base_module_widths(space.maximal()):
@@ -31,6 +37,14 @@ class ElasticController(RankController):
         # configurations by it. Summed over micro-batches here, averaged over processes when the step ends.
         self.losses: dict[int, float | torch.Tensor] = {}  # tensors until read (no device sync per step)
         self._step_loss: dict[int, torch.Tensor] = {}
+        # Distillation: the pass being trained, the sandwich's maximal-pass logits (the teacher of the micro-batch's
+        # other passes), the sampled subnet's labels' loss of the micro-batch (what the search ranks by, rather
+        # than the mixed loss), its distillation term summed per step, and the terms of steps not logged yet.
+        self._pass = (0, 0)
+        self._teacher_cache: torch.Tensor | None = None
+        self._labels_loss: torch.Tensor | None = None
+        self._step_distill: dict[int, torch.Tensor] = {}
+        self._distill_unlogged: list[torch.Tensor] = []
 
     def subnet(self, which: str | dict) -> dict[str, int]:
         """A named subnet (maximal / heuristic / minimal) or an explicit {group: width}, validated."""
@@ -54,19 +68,70 @@ class ElasticController(RankController):
         # Sandwich rule (max, min, random in one optimizer step), as in EFTNAS; else one sampled subnet.
         self.activate((["maximal", "minimal"] + [sampled])[pass_index] if self.sandwich else sampled)
         self.history[step] = sampled
+        self._pass = (step, pass_index)
+        if pass_index == 0:
+            self._teacher_cache = None
+
+    def _trains_maximal(self) -> bool:
+        return self.config == self.space.maximal()
+
+    def teacher_logits(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The maximal subnet's logits on the pass's batch, unless the pass trains the maximal subnet (it is the
+        teacher: labels only). With the sandwich rule the micro-batch's first pass is the maximal subnet and its
+        logits are reused; else one forward without gradient, with the maximal subnet's masks (rank and base
+        widths), after which the pass's own masks are set again, before its forward (and any recomputation of it
+        in the backward). Every process trains the same subnet, so all run this forward (a collective under
+        ZeRO-3 / FSDP2) or none."""
+        if self.distill is None or self._trains_maximal():
+            return None
+        if self._teacher_cache is not None:
+            return self._teacher_cache
+        student = self.config
+        self.activate("maximal")
+        try:
+            with torch.no_grad():
+                return forward()
+        finally:
+            self.activate(student)
+
+    def distilled_loss(self, loss: torch.Tensor, logits: torch.Tensor | None, teacher: torch.Tensor | None,
+                       batch: dict, norm: LossNormalisation) -> torch.Tensor:
+        if self.distill is None:
+            return loss
+        step, pass_index = self._pass
+        last = pass_index == self.passes(step) - 1  # the step's sampled subnet
+        if last:
+            self._labels_loss = loss.detach() / norm.divisor
+        if teacher is None:
+            if self.sandwich and pass_index == 0:  # the maximal subnet: the teacher of the passes that follow
+                self._teacher_cache = _require_logits(logits).detach()
+            return loss
+        term = self.distill.term(_require_logits(logits), teacher, batch, norm.items, norm.factor)
+        if last:
+            done = term.detach() / norm.divisor
+            self._step_distill[step] = self._step_distill[step] + done if step in self._step_distill else done
+        return self.distill.mix(loss, term)
 
     def record_loss(self, step: int, losses: list[torch.Tensor]) -> None:
-        # The last pass is the sampled subnet (a sandwich step runs maximal, minimal, then sampled).
-        loss = losses[-1].detach().float()
+        # The last pass is the sampled subnet (a sandwich step runs maximal, minimal, then sampled). Distilled, the
+        # subnet's labels' loss, not the mixed one: steps of the maximal subnet (labels only) stay comparable.
+        loss = (losses[-1] if self._labels_loss is None else self._labels_loss).detach().float()
+        self._labels_loss, self._teacher_cache = None, None
         self._step_loss[step] = self._step_loss[step] + loss if step in self._step_loss else loss
 
     def after_optimizer_step(self, step: int) -> None:
         loss = self._step_loss.pop(step, None)
         if loss is None:
             return
+        distill = self._step_distill.pop(step, None)  # every process distilled this step, or none did
+        if distill is not None:
+            loss = torch.stack([loss, distill.float()])
         if dist.is_available() and dist.is_initialized():  # every process runs this hook: a collective is safe
             dist.all_reduce(loss)
             loss = loss / dist.get_world_size()
+        if distill is not None:
+            loss, distill = loss[0], loss[1]
+            self._distill_unlogged.append(distill)
         self.losses[step] = loss
 
     def step_losses(self) -> dict[int, float]:
@@ -76,8 +141,13 @@ class ElasticController(RankController):
 
     def log_metrics(self) -> dict[str, float]:
         widths = [self.config[g.name] for g in self.space.groups if g.base is None]  # adapter ranks only
-        return {"elastic/active_rank": float(self.active_rank()),
-                "elastic/mean_group_width": sum(widths) / max(len(widths), 1)}
+        metrics = {"elastic/active_rank": float(self.active_rank()),
+                   "elastic/mean_group_width": sum(widths) / max(len(widths), 1)}
+        if self._distill_unlogged:  # read here, on logging steps only: no device sync per step
+            # T^2 x KL of the sampled subnet, before weighting, averaged over the distilled steps since the last log
+            metrics["elastic/distill_loss"] = float(torch.stack(self._distill_unlogged).mean())
+            self._distill_unlogged = []
+        return metrics
 
     def state_dict(self) -> dict:
         # Sampling is a pure function of (seed, step): the seed, the active config, the losses (and the base order)
@@ -94,3 +164,10 @@ class ElasticController(RankController):
         self.seed = state["seed"]
         self.losses = dict(state.get("losses", {}))  # absent in states written before losses were recorded
         self.activate(state["config"])
+
+
+def _require_logits(logits: torch.Tensor | None) -> torch.Tensor:
+    if logits is None:
+        raise RuntimeError("[flexrank] adapter.elastic.distill: the model returned no logits in training (a fused "
+                           "loss kernel such as liger's skips them); turn it off (model.liger_kernel: false)")
+    return logits

@@ -23,7 +23,12 @@ class ResumePoint:
 
 
 def training_arguments(cfg: RunConfig, overrides: dict | None = None, log: bool = True) -> TrainingArguments:
-    use_liger, why = choose_liger(cfg.model.liger_kernel)
+    elastic = cfg.adapter.elastic
+    if cfg.model.liger_kernel == "auto" and elastic is not None and elastic.distill is not None:
+        # liger's fused cross-entropy skips the logits that in-place distillation compares (true is refused)
+        use_liger, why = False, "auto: off (adapter.elastic.distill needs the logits)"
+    else:
+        use_liger, why = choose_liger(cfg.model.liger_kernel)
     if log and env.is_main_process():
         print(f"[flexrank] liger kernel: {'on' if use_liger else 'off'} ({why})")
     values = {k: v for k, v in cfg.training.items() if k != "resume_from_checkpoint"}  # resume: resume_point()

@@ -14,6 +14,9 @@ from ..adapters.rank_layer import guard_recomputation
 from ..controllers import RankController
 from ..controllers.base import STATE_FILE
 from ..io import atomic_path
+from .transformers_internals import loss_normalisation
+
+LABEL_KEYS = ("labels", "shift_labels")  # targets: not inputs of a teacher's forward
 
 
 
@@ -110,6 +113,7 @@ class FlexTrainer(PortableResume, Trainer):
     def __init__(self, *args, controller: RankController | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.controller = controller
+        self._training_pass = False  # compute_loss inside a training pass (not an evaluation's)
         self.add_callback(_StopWhenTrained())
         # on_save callbacks run in the order added: the world-size-independent trainable state is written before
         # the checkpoint is marked complete, so the manifest lists it. Rotation happens once a checkpoint is
@@ -155,12 +159,26 @@ class FlexTrainer(PortableResume, Trainer):
         # Each pass (one, or several for a sandwich rule) backpropagates into the same gradients before the step.
         for index in range(self.controller.passes(step)):
             self.controller.before_pass(step, index)
-            losses.append(super().training_step(model, inputs, num_items_in_batch))
+            self._training_pass = True
+            try:
+                losses.append(super().training_step(model, inputs, num_items_in_batch))
+            finally:
+                self._training_pass = False
         self.controller.record_loss(step, losses)
         return torch.stack(losses).mean()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = self.controller is not None and self._training_pass
+        batch = dict(inputs)  # with its labels (the Trainer pops them when it smooths them)
+        teacher = None
+        if training:  # in-place distillation: a teacher's logits on the same batch (the controller's masks)
+            teacher = self.controller.teacher_logits(
+                lambda: _logits(model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})))
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if training:
+            logits = _logits(outputs)
+            loss = self.controller.distilled_loss(loss, logits, teacher, batch,
+                                                  loss_normalisation(self, num_items_in_batch, logits))
         extra = self.controller.extra_loss() if self.controller is not None else None
         if extra is not None:
             loss = loss + extra
@@ -178,3 +196,6 @@ class FlexTrainer(PortableResume, Trainer):
                 "per_device_train_batch_size": self.args.per_device_train_batch_size,
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
 
+
+def _logits(outputs) -> torch.Tensor | None:
+    return outputs.get("logits") if isinstance(outputs, dict) else None  # a ModelOutput is a dict

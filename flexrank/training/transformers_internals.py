@@ -11,6 +11,10 @@ when an upgrade changes it.
   training keeps its trained state), as the Trainer's save step does (`_save_checkpoint`, then the on_save
   callbacks). No public method writes a resumable checkpoint.
 - `attention_kernel` reads which attention implementation a loaded model runs (no public accessor).
+- `loss_normalisation` says how `Trainer.compute_loss` normalised the labels' loss of a micro-batch (over the
+  labelled items of the whole step, times the number of processes, or a micro-batch mean) and what `training_step`
+  divides it by, so that in-place distillation normalises its term alike. Public attributes, but the rules
+  combine the Trainer's and the models' loss code (no public accessor says which reduction a loss used).
 - `rewind_scheduler` moves a scheduler (transformers' get_scheduler: a torch LambdaLR) to a saved position through
   its state dict keys `last_epoch` and `_step_count`.
 """
@@ -23,6 +27,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..controllers.base import LossNormalisation
 
 
 class CheckpointLoading:
@@ -58,6 +64,33 @@ def save_checkpoint(trainer) -> Path:
 def attention_kernel(model) -> str:
     """The attention implementation `model` runs ('sdpa', 'eager', 'flash_attention_2', ...)."""
     return model.config._attn_implementation
+
+
+def loss_normalisation(trainer: Trainer, num_items_in_batch, logits: torch.Tensor) -> LossNormalisation:
+    """How `trainer.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)` normalised the labels' loss
+    it returned for a micro-batch whose model returned `logits`, in transformers 5:
+    - the causal-LM loss (ForCausalLMLoss, token logits) sums the token losses and divides by num_items_in_batch
+      when the model receives it (it does when it accepts loss kwargs); so does the LabelSmoother, and a
+      compute_loss_func is handed it; sequence-classification losses average over the micro-batch (they ignore it);
+    - with average_tokens_across_devices, compute_loss then multiplies by the number of processes (per tensor-parallel
+      group; n_gpu under DataParallel);
+    - training_step divides the loss by the gradient accumulation steps unless it counts as scaled for them."""
+    args, given = trainer.args, num_items_in_batch is not None
+    kwargs_path = trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None
+    if trainer.label_smoother is not None or trainer.compute_loss_func is not None:
+        items = num_items_in_batch
+    elif logits is not None and logits.dim() == 3 and trainer.model_accepts_loss_kwargs:
+        items = num_items_in_batch
+    else:
+        items = None
+    factor = 1
+    if args.average_tokens_across_devices and kwargs_path and given:
+        factor = trainer.accelerator.num_processes // trainer.get_tp_size() if args.n_gpu <= 1 else args.n_gpu
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and given) or trainer.compute_loss_func is not None
+    divisor = 1 if scaled else getattr(trainer, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+    return LossNormalisation(items=items, factor=factor, divisor=divisor)
 
 
 def rewind_scheduler(scheduler, saved: dict) -> None:
@@ -205,11 +238,49 @@ def _scheduler_problems() -> list[str]:
     return []
 
 
+def _normalisation_problems() -> list[str]:
+    """A tiny causal LM and a tiny classifier, each with labels partly -100: Trainer.compute_loss equals the summed
+    cross-entropy over the labelled items normalised as loss_normalisation says, with and without num_items_in_batch"""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=32, num_labels=3, pad_token_id=0)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 32, (3, 6), generator=generator)
+    cases = {"causal LM": (LlamaForCausalLM, ids.masked_fill(torch.rand(3, 6, generator=generator) < 0.3, -100)),
+             "classifier": (LlamaForSequenceClassification, torch.tensor([2, -100, 0]))}
+    seen = []
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, report_to=[], use_cpu=True, disable_tqdm=True)
+        for name, (cls, labels) in cases.items():
+            torch.manual_seed(0)
+            trainer = Trainer(model=cls(config), args=args)
+            with torch.no_grad():
+                logits = trainer.model(input_ids=ids).logits.float()
+                rows, targets = (logits[:, :-1].reshape(-1, 32), labels[:, 1:].reshape(-1)) if logits.dim() == 3 \
+                    else (logits, labels)
+                summed = F.cross_entropy(rows, targets, ignore_index=-100, reduction="sum")
+                for items in (torch.tensor(40), None):
+                    loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": labels},
+                                                num_items_in_batch=items)
+                    norm = loss_normalisation(trainer, items, logits)
+                    expected = summed / (norm.items if norm.items is not None else targets.ne(-100).sum()) * norm.factor
+                    if not torch.allclose(loss, expected, rtol=1e-5, atol=1e-6):
+                        seen.append(f"{name} with num_items_in_batch={items}: loss {float(loss):.6f}, by the rule "
+                                    f"{float(expected):.6f}")
+    if seen:
+        return [f"transformers {version('transformers')}: Trainer.compute_loss normalises the labels' loss as "
+                f"loss_normalisation says no longer holds (used by in-place distillation; {'; '.join(seen)})"]
+    return []
+
+
 def private_api_problems() -> list[str]:
     """One line per internal above that no longer behaves as flexrank relies on (empty when all do)."""
     problems = []
     for check, dependency in ((_resume_problems, "transformers"), (_save_problems, "transformers"),
-                              (_attention_problems, "transformers"), (_scheduler_problems, "torch")):
+                              (_attention_problems, "transformers"), (_scheduler_problems, "torch"),
+                              (_normalisation_problems, "transformers")):
         try:
             problems += check()
         except Exception as exc:  # e.g. a renamed method: the check itself cannot run
