@@ -39,6 +39,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Set before transformers is imported, and inherited by the measuring processes: no kernels fetched from Hub
+# repositories mid-benchmark (transformers' `kernels` integration; offline GPU machines), no progress bars.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import flops  # noqa: E402
@@ -110,7 +114,7 @@ def probe(name: str) -> str | None:
     if name == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
     try:
-        module = importlib.import_module(name)
+        importlib.import_module(name)
     except Exception as exc:  # ImportError, or a broken build failing at import (e.g. a CUDA mismatch)
         return f"{name} does not import here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     if not torch.cuda.is_available():
@@ -119,7 +123,8 @@ def probe(name: str) -> str | None:
         return f"flash-attn needs compute capability >= 8.0 (this GPU: {torch.cuda.get_device_capability()})"
     if name == "bitsandbytes":
         try:
-            module.functional.quantize_4bit(torch.ones(64, 64, device="cuda", dtype=torch.bfloat16), quant_type="nf4")
+            importlib.import_module("bitsandbytes.functional").quantize_4bit(
+                torch.ones(64, 64, device="cuda", dtype=torch.bfloat16), quant_type="nf4")
         except Exception as exc:
             return f"bitsandbytes cannot quantize on this GPU ({type(exc).__name__}: {str(exc).splitlines()[0]})"
     return None
@@ -251,7 +256,10 @@ def plan(rows: list[Row], cpu: bool) -> dict[str, str | None]:
     script's own test on CPU) the plain rows run on CPU and the rows of GPU-only kernels are skipped."""
     reasons, cache = {}, {}
     for row in rows:
-        missing = [cache.setdefault(n, probe(n)) for n in row.needs + (() if cpu else ("cuda",))]
+        for n in row.needs + (() if cpu else ("cuda",)):
+            if n not in cache:
+                cache[n] = probe(n)
+        missing = [cache[n] for n in row.needs + (() if cpu else ("cuda",))]
         reasons[row.id] = next((m for m in missing if m), None)
         if cpu and row.needs and reasons[row.id] is None:
             reasons[row.id] = "a GPU-only kernel (--cpu)"
@@ -321,9 +329,13 @@ def dry_run(models: list[Model], rows: list[Row], a) -> str:
     for model in models:
         s = flops.shapes(model.config, LORA["r"])
         st, batches = model.stats, batch_sizes(model.stats, a)
-        weights = (f"built from {model.config_file} on the GPU at run time" if model.random
-                   else f"weights: {model.path}")
-        lines += ["", f"== {model.label} ({weights}) ==", *shapes_lines(model, s),
+        weights = f"weights: {model.path}"
+        if model.random:
+            where = model.config_file.resolve()
+            where = where.relative_to(HERE.parent) if where.is_relative_to(HERE.parent) else where
+            weights = f"weights built from {where} on the GPU at run time"
+        lines += ["", f"== {model.label.removesuffix(' (random weights)')} ({'random ' if model.random else ''}"
+                  f"{weights}) ==", *shapes_lines(model, s),
                   f"mixed-length set (bench/corpus.py) at max_length {a.seq_len}, {st['records']} records tokenized: "
                   f"mean {st['mean_length']:.1f} tokens, S = {st['span']:.1f}",
                   f"batches: large {batches['large']} examples (~{batches['large'] * st['mean_length']:,.0f} useful "
@@ -423,7 +435,8 @@ def run(models: list[Model], rows: list[Row], a) -> str:
         peaks["bf16"] = a.peak_tflops
     started, now = datetime.datetime.now(), None
     lines = [f"`python bench/gpu.py {' '.join(a.argv)}` on {started:%Y-%m-%d %H:%M}, {device}, torch "
-             f"{torch.__version__}; peaks used (TFLOP/s): " + ", ".join(f"{k} {v:g}" for k, v in peaks.items() if v),
+             f"{torch.__version__}; peaks used (TFLOP/s): "
+             + (", ".join(f"{k} {v:g}" for k, v in peaks.items() if v) or "none known for this device (MFU n/a)"),
              *header(), "", "Optional kernels: " + "; ".join(f"{k}: {v}" for k, v in package_versions().items()),
              f"{a.warmup} warm-up + {a.steps} measured rounds; one process per model (liger: its own), one optimizer "
              "step per row per round in rotated order, each round's batches warmed for every row first. s/step: "
@@ -496,8 +509,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     a = parse_args(argv)
-    os.environ.setdefault("USE_HUB_KERNELS", "NO")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # transformers must not fetch kernels from the Hub mid-benchmark
     import torch
 
     if not a.dry_run and not a.cpu and not torch.cuda.is_available():
