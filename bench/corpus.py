@@ -26,10 +26,22 @@ def review_sentences() -> list[str]:
 
 
 def mixed_records(n: int, seed: int = 0, long_share: float = 0.25) -> list[dict]:
-    """n text records, about `long_share` of them news articles and the rest review sentences, shuffled."""
+    """n text records, about `long_share` of them news articles and the rest review sentences, shuffled. A set
+    larger than the sources (the GPU benchmark's batches of thousands of tokens) repeats them, each source
+    used whole before any record of it repeats, so the share of long records stays `long_share` at every size."""
     rng = random.Random(seed)
     articles, sentences = news_articles(), review_sentences()
     n_long = round(n * long_share)
-    texts = rng.sample(articles, min(n_long, len(articles))) + rng.sample(sentences, n - min(n_long, len(articles)))
+    texts = _draw(rng, articles, n_long) + _draw(rng, sentences, n - n_long)
     rng.shuffle(texts)
     return [{"text": t} for t in texts]
+
+
+def _draw(rng: random.Random, pool: list[str], k: int) -> list[str]:
+    """k items of pool without repeats while k <= len(pool) (then exactly rng.sample), else whole shuffled
+    copies of pool and a sample of the rest."""
+    whole, rest = divmod(k, len(pool))
+    out = rng.sample(pool, rest)
+    for _ in range(whole):
+        out += rng.sample(pool, len(pool))
+    return out

@@ -12,10 +12,21 @@ from dataclasses import dataclass
 import torch
 
 FORMULA = "FLOPs/token = 4*N_base + 6*N_adapter + 12*L*d_attn*S"
+MFU_FORMULA = "MFU = useful tokens/s x FLOPs/token / peak FLOP/s of the GPU for the dtype the matmuls ran in"
 
-# Dense peak TFLOP/s per GPU (bf16/fp16, no sparsity) from the vendors' data sheets; --peak-tflops overrides.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
-               "RTX 4090": 165.0, "V100": 125.0}
+# Dense peak TFLOP/s per GPU (no sparsity), from the vendors' data sheets, by the dtype the matmuls run in:
+# bf16 (tensor cores), tf32 (fp32 tensors on tensor cores: only when torch's float32 matmul precision is "high" or
+# "medium") and fp32 (plain CUDA cores: torch's default precision "highest"). Matched against the device name in
+# this order (the first key contained in it); --peak-tflops overrides.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9},       # H200 SXM
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100": {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9},       # H100 SXM
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "RTX 4090": {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6},
+}
 
 
 @dataclass
@@ -47,7 +58,9 @@ def shapes(config, r: int, targets: str | list[str] = "all-linear") -> Shapes:
 
 
 def flops_per_token(s: Shapes, seq_len: float) -> float:
-    """seq_len: the length each token attends over (one example's length when packed, the row's when padded)."""
+    """seq_len: the mean span a token attends over, its own example's length averaged over the tokens:
+    sum(len^2) / sum(len) over the examples (measure.py's attention_span). Useful work only: neither the padding
+    of a padded batch nor a packed row's cross-example attention that a dense mask computes and throws away."""
     return 4 * s.n_base + 6 * s.n_adapter + 12 * s.layers * s.d_attn * seq_len
 
 
@@ -55,5 +68,12 @@ def mfu(tokens_per_s: float, flops_token: float, peak_tflops: float) -> float:
     return tokens_per_s * flops_token / (peak_tflops * 1e12)
 
 
-def peak_tflops_of(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in device_name.lower()), None)
+def peak_tflops_of(device_name: str, compute: str = "bf16") -> float | None:
+    """The dense peak of `device_name` for matmuls in `compute` (bf16 | tf32 | fp32); None for an unknown GPU."""
+    table = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in device_name.lower()), None)
+    return None if table is None else table[compute]
+
+
+def fp32_compute(float32_matmul_precision: str) -> str:
+    """What an fp32 matmul runs as under torch.set_float32_matmul_precision(...)."""
+    return "fp32" if float32_matmul_precision == "highest" else "tf32"

@@ -13,7 +13,8 @@ processes, as `flexrank train --backend` does), so peak memory is per measuremen
 after the other and the rounds alternate their order (A B ... B A ...), so machine noise and drift hit both sides
 of a ratio; each ratio is taken within a round and reported as the median [min-max] over rounds.
 The rows with a target on one process (flexrank LoRA vs stock, each controller vs flexrank LoRA) are measured more
-finely: their sides share one process and take one optimizer step each in turn (measure.py "sides"), each ratio
+finely: their sides share one process and take one optimizer step each in turn (measure.py "sides"; each round's
+batch first run untimed by every side, so that no side's timed step pays a first sight of a batch shape), each ratio
 is taken per round of steps (`--shared-steps` rounds), and each side also runs once in a process of its own for
 its peak memory. Between processes, step times on a 2-core machine differ by 5-15% with nothing else running, more
 than the 3% a controller may cost; within one process the sides see the same machine state (steps still vary by

@@ -25,13 +25,24 @@ class AdaLoraBudget(TrainerCallback):
 def trainer(spec: dict, cfg, tokenizer, dataset, clock, counting):
     """The stock Trainer; `counting` wraps its collator with the same token counting as the flexrank side."""
     method, total = spec["method"], spec["warmup"] + spec["steps"]
-    quantized = {}
+    # The flexrank side's model settings, in transformers' words: dtype, attention kernel (flexrank's "auto" has no
+    # stock equivalent: transformers' default then), 4-bit compute dtype.
+    kwargs = {"dtype": getattr(torch, cfg.model.dtype)}
+    if cfg.model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
     if method == "qlora":
-        quantized["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(_model_path(cfg.model), dtype=torch.float32, **quantized)
+            bnb_4bit_compute_dtype=getattr(torch, cfg.model.quantization.bnb_4bit_compute_dtype),
+            bnb_4bit_quant_storage=torch.bfloat16)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(_model_path(cfg.model), **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
+    # What fine-tuning scripts write: no KV cache in training. With one, transformers 5 builds no block-diagonal mask
+    # for packed rows under SDPA/eager and the examples of a row attend to each other (flexrank's PackingCollator
+    # says use_cache=False in each batch for the same reason).
+    model.config.use_cache = False
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     common = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
