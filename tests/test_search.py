@@ -319,12 +319,16 @@ def test_search_on_choice_of_a_topic_file_runs_and_exports_its_best_subnet(tiny_
         f"eval.choices={json.dumps(topics)}", "adapter.elastic.evaluate_subnets=[maximal]",
         "adapter.elastic.export_subnet=maximal"]))
     best = search_mod.search(run_dir, ["search.metric=auto", "search.num_evals=4", "search.population=4",
-                                       "search.seed=1", "search.acc_delta=1"])
-    assert best["metric_name"] == "choice" and best["eval_records"] == [0, len(records)]
+                                       "search.seed=1", "search.acc_delta=1", "search.test_size=4"])
+    assert best["metric_name"] == "choice" and best["eval_records"] == [0, len(records) - 4]
+    assert best["test"]["records"] == 4 and set(best["test"]) == {"chosen", "heuristic", "maximal", "records"}
+    assert best["test"]["chosen"]["macs"] == best["macs"]  # the chosen subnet re-scored on the 4 unseen records
     rows = _rows(run_dir)
     maximal = next(r for r in rows if r["source"] == "maximal")
+    # The search's 8 records and the test's 4 are the run's 12 held-out records, scored as the run scored them.
+    searched, tested = float(maximal["metric"]), best["test"]["maximal"]["choice"]
     run_metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert float(maximal["metric"]) == pytest.approx(run_metrics["subnets"]["maximal"]["choice"])
+    assert (8 * searched + 4 * tested) / 12 == pytest.approx(run_metrics["subnets"]["maximal"]["choice"])
     assert best["macs"] == min(int(r["macs"]) for r in rows)  # acc_delta 1: every subnet qualifies, the smallest wins
     out = tmp_path / "adapter"
     _flexrank("export", run_dir, "--subnet", run_dir / "search" / "search_best.json", "--out", out)

@@ -281,15 +281,15 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     space = controller.space
     run_data = load_data(cfg)
 
-    metric = run_metric(cfg, run_data, tokenizer)
-    settings = resolve_settings(cfg, metrics_lib.higher_is_better(metric[1]))
+    scored = run_metric(cfg, run_data, tokenizer)
+    settings = resolve_settings(cfg, metrics_lib.higher_is_better(scored[1]))
     held_out, start = run_data.eval, settings.eval_offset
     size = settings.eval_size if settings.eval_size is not None else len(held_out) - start - settings.test_size
     if size <= 0 or start + size + settings.test_size > len(held_out):
         raise ConfigError("search.eval_size", settings.eval_size,
                           f"eval_offset + eval_size + test_size <= the run's {len(held_out)} held-out records",
                           f"eval_offset={start}, test_size={settings.test_size}")
-    scorer = SubnetScorer(cfg, model, tokenizer, controller, run_data, held_out[start:start + size], metric)
+    scorer = SubnetScorer(cfg, model, tokenizer, controller, run_data, held_out[start:start + size], scored)
     out = run_dir / SEARCH_DIR
     if workers.main:
         out.mkdir(exist_ok=True)
@@ -343,7 +343,7 @@ def search(run_dir: str | Path, overrides: list[str] = ()) -> dict:
                                  "source": r.source} for r in front_rows(rows, "macs", scorer.higher_is_better)]}
     if settings.test_size:
         test_records = held_out[start + size:start + size + settings.test_size]
-        summary["test"] = _test(SubnetScorer(cfg, model, tokenizer, controller, run_data, test_records, metric), out, {
+        summary["test"] = _test(SubnetScorer(cfg, model, tokenizer, controller, run_data, test_records, scored), out, {
             "chosen": best.row.config, "heuristic": baselines["heuristic"], "maximal": baselines["maximal"]},
             workers, costs, space)
     if workers.main:
