@@ -167,7 +167,8 @@ class ElasticConfig(_Section):
     base_widths: dict[str, Any] | None = None
     # Before training, order each elastic base width's channels by importance so its kept prefix is the most
     # important part (elastic/importance.py): none (LoNAS: first channels as they are), activation (on
-    # `importance_samples` training records), magnitude (weights only)
+    # `importance_samples` training records; recommended), magnitude (weights only: on SmolLM2 worse than none,
+    # README *Measured*; kept for BootstrapNAS parity)
     importance: Literal["none", "activation", "magnitude"] = "none"
     importance_samples: int = Field(64, gt=0)
     sandwich: bool = False
