@@ -265,3 +265,36 @@ def test_update_readme_replaces_only_the_table(tmp_path):
     readme.write_text(f"intro\n{run.README_START}\nold\n{run.README_END}\nafter\n")
     run.update_readme(readme, "new table")
     assert readme.read_text() == f"intro\n{run.README_START}\nnew table\n{run.README_END}\nafter\n"
+
+
+def test_subnet_quality_trains_searches_and_scores_the_compact_export(tiny_llama_dir, tmp_path):
+    """bench/subnet_quality.py end to end on the tiny model (2 steps, 8 questions): the distilled importance-ordered
+    way and plain LoRA; the searched row is the compact export, which scores what its subnet scores in the supernet,
+    and the table lists the rows of the JSON."""
+    from dist_helpers import recipe
+
+    path = recipe(tmp_path, tiny_llama_dir, "elastic")
+    result = tmp_path / "quality.json"
+    proc = _run("subnet_quality.py", "--recipe", str(path), "--steps", "2", "--ways", "distill,lora", "--out",
+         str(tmp_path / "runs"), "--json", str(result),
+         "--set", "adapter.elastic.base_widths={mlp: [128, 96, 64]}", "--set", "data.eval_size=8",
+         "--set", "adapter.elastic.evaluate_subnets=[maximal, heuristic]", "--set", "eval.after=true",
+         "--set", "eval.metrics=[loss, exact_match]", "--set", "adapter.elastic.importance_samples=8",
+         "--search-set", "search.eval_size=4", "--search-set", "search.num_evals=4", "--search-set",
+         "search.population=4")
+    results = json.loads(result.read_text())["results"]
+    distill, lora = results["distill"]["rows"], results["lora"]["rows"]
+    searched = distill["searched"]
+    assert searched["loss"] == pytest.approx(searched["in_supernet"]["loss"], abs=1e-4)
+    assert searched["exact_match"] == searched["in_supernet"]["exact_match"]
+    assert distill["heuristic"]["params"] < distill["maximal"]["params"]
+    assert searched["params"] <= distill["maximal"]["params"] and set(lora) == {"maximal"}
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [line.split("|")[2].strip() for line in table] == ["maximal", "heuristic", "searched", "maximal"]
+    assert f"| {searched['params'] / 1e6:.1f} | {searched['params'] / distill['maximal']['params']:.0%} | " \
+           f"{searched['exact_match']:.3f} |" in table[2]
+    import yaml
+
+    elastic = yaml.safe_load((tmp_path / "runs" / "distill" / "config.yaml").read_text())["adapter"]["elastic"]
+    assert elastic["importance"] == "activation" and elastic["distill"]["weight"] == 0.5
+    assert json.loads((tmp_path / "runs" / "distill" / "metrics.json").read_text())["importance"]["moved"] > 0
