@@ -14,7 +14,7 @@ import torch
 
 from ..distributed.backends import full_values_and_grads
 from ..adapters.rank_layer import RankLoraLinear, set_masks
-from .base import RankController
+from .base import RankController, host_sum
 
 
 def budget_at(step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int,
@@ -42,6 +42,8 @@ class AdaLoRAController(RankController):
         self.exp_avg_ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_unc: dict[str, torch.Tensor] = {}
         self._flat: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # (keys, ipt EMA, uncertainty EMA)
+        self._groups: list[tuple[list[str], int, int, int]] | None = None  # see _shape_groups
+        self._to_module_order: torch.Tensor | None = None  # triplet scores: shape-group order -> module order
         self.final = False  # the mask is fixed once the budget reaches its target
         # peft: orth_reg_weight · mean over all A and B matrices, added once per optimizer step.
         weight = orth_reg_weight / (2 * len(layers)) / gradient_accumulation_steps
@@ -49,24 +51,44 @@ class AdaLoRAController(RankController):
             layer.lora_gate[adapter].requires_grad_(True)
             layer.orthogonality_weight = weight
 
+    def _shape_groups(self) -> list[tuple[list[str], int, int, int]]:
+        """The modules grouped by shape, (names, r, in, out), in order of first appearance: a transformer has a
+        handful of shapes (q/o, k/v, gate/up, down), so per-module work becomes per-group work."""
+        if self._groups is None:
+            groups: dict[tuple[int, int, int], list[str]] = {}
+            for name, layer in self.layers.items():
+                groups.setdefault((layer.r[self.adapter], layer.in_features, layer.out_features), []).append(name)
+            self._groups = [(names, *shape) for shape, names in groups.items()]
+            self._key_list = [f"{n}:{part}" for names, *_ in self._groups for part in "ABE" for n in names]
+        return self._groups
+
+    def _keys(self) -> list[str]:
+        """"<module>:A|B|E" in the flat EMAs' order: per shape group, every module's A, then every B, then every E,
+        so that each group's A (B, E) importances are one (modules, r, in) ((modules, out, r), (modules, r)) view
+        of the flat tensor."""
+        self._shape_groups()
+        return self._key_list
+
     def _params(self) -> list[tuple[str, torch.Tensor]]:
-        out = []
-        for name, layer in self.layers.items():
-            out += [(f"{name}:A", layer.lora_A[self.adapter].weight), (f"{name}:B", layer.lora_B[self.adapter].weight),
-                    (f"{name}:E", layer.lora_gate[self.adapter])]
-        return out
+        """(key, parameter) in the order of _keys."""
+        tensors = {"A": lambda layer: layer.lora_A[self.adapter].weight,
+                   "B": lambda layer: layer.lora_B[self.adapter].weight,
+                   "E": lambda layer: layer.lora_gate[self.adapter]}
+        return [(key, tensors[key[-1]](self.layers[key[:-2]])) for key in self._keys()]
 
     def before_pass(self, step: int, pass_index: int) -> None:
         self.step = step
 
     @torch.no_grad()
     def on_final_gradients(self) -> None:
-        """Importance from this step's gradients, then the mask for the budget of this step."""
+        """Importance from this step's gradients, then the mask for the budget of this step. Which of them runs is
+        decided by the schedule (a function of the step, the same on every process), never by reading a tensor:
+        the masks are written at re-masking steps only, and nothing here waits for the device."""
         if self.final:
             return
-        named = self._params()
-        full = full_values_and_grads([p for _, p in named])  # collective: every process, same order
         if self.step < self.total_step - self.tfinal:
+            named = self._params()
+            full = full_values_and_grads([p for _, p in named])  # collective: every process, same order
             self._update_importance([key for key, _ in named], full)
         self.budget, mask_now = budget_at(self.step, self.init_budget, self.target_budget, self.tinit, self.tfinal,
                                           self.total_step, self.delta_t)
@@ -78,8 +100,9 @@ class AdaLoRAController(RankController):
         """peft's RankAllocator.update_ipt, in the same operators (so the same roundings), on all parameters at once:
         concatenated, a handful of operators per step instead of a dozen per tensor. A parameter without a
         gradient in this step counts as importance 0 (peft has no such case: it would fail on it)."""
-        values = torch.cat([v.reshape(-1).float() for v, _ in full])
-        grads = torch.cat([(torch.zeros_like(v) if g is None else g).reshape(-1).float() for v, g in full])
+        # Cast after concatenating (one operator, not one per tensor): widening to float32 is exact either way.
+        values = torch.cat([v.reshape(-1) for v, _ in full]).float()
+        grads = torch.cat([(torch.zeros_like(v) if g is None else g).reshape(-1) for v, g in full]).float()
         ipt = values.mul_(grads).abs_()
         if self._flat is None or self._flat[0] != keys:  # first update, or after load_state_dict
             self._flat = (keys, *(self._flatten(ema, keys, full, ipt) for ema in (self.exp_avg_ipt, self.exp_avg_unc)))
@@ -96,23 +119,52 @@ class AdaLoRAController(RankController):
         return torch.cat([ema[k].reshape(-1).to(like) if k in ema else like.new_zeros(v.numel())
                           for k, (v, _) in zip(keys, full)])
 
-    def _triplet_scores(self) -> dict[str, torch.Tensor]:
-        score = {k: self.exp_avg_ipt[k] * self.exp_avg_unc[k] for k in self.exp_avg_ipt}
-        return {name: score[f"{name}:E"] + score[f"{name}:A"].mean(dim=1) + score[f"{name}:B"].mean(dim=0)
-                for name in self.layers}
+    def _triplet_scores(self) -> torch.Tensor:
+        """Every triplet's score s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), s = ipt EMA · uncertainty EMA, as one
+        vector in module order (the modules of self.layers, r each): the same operators as per module, applied
+        to a (modules, ...) view per shape group."""
+        keys = self._keys()
+        if self._flat is not None and self._flat[0] == keys:
+            _, avg, unc = self._flat
+        else:  # EMAs loaded from a checkpoint and not updated since (a resume after the last importance update)
+            avg, unc = (torch.cat([ema[k].reshape(-1) for k in keys]) for ema in (self.exp_avg_ipt, self.exp_avg_unc))
+        score = avg * unc
+        parts, offset = [], 0
+        for names, r, n_in, n_out in self._shape_groups():
+            n = len(names)
+            a = score[offset:offset + n * r * n_in].view(n, r, n_in)
+            offset += n * r * n_in
+            b = score[offset:offset + n * n_out * r].view(n, n_out, r)
+            offset += n * n_out * r
+            e = score[offset:offset + n * r].view(n, r)
+            offset += n * r
+            parts.append((e + a.mean(dim=2) + b.mean(dim=1)).reshape(-1))
+        flat = torch.cat(parts)
+        if self._to_module_order is None or self._to_module_order.device != flat.device:
+            start, where = 0, {}
+            for names, r, *_ in self._shape_groups():
+                for name in names:
+                    where[name] = range(start, start + r)
+                    start += r
+            order = [i for name in self.layers for i in where[name]]
+            self._to_module_order = torch.tensor(order, device=flat.device)  # once: the layout never changes
+        return flat.index_select(0, self._to_module_order)
 
     def _mask_to_budget(self, budget: int) -> None:
-        scores = self._triplet_scores()
-        names = list(scores)
-        flat = torch.cat([scores[n] for n in names])
-        keep = torch.zeros_like(flat)
-        keep[torch.topk(flat, budget, sorted=False).indices] = 1  # exactly `budget` triplets survive
-        set_masks([self.layers[n] for n in names], keep.split([scores[n].numel() for n in names]), self.adapter)
+        """Keep the `budget` best triplets (exactly that many): their indices by topk on the device, the masks
+        from one scatter, written to every module in one foreach copy."""
+        flat = self._triplet_scores()
+        layers = list(self.layers.values())
+        masks = [layer.lora_rank_mask[self.adapter] for layer in layers]
+        dtype = masks[0].dtype if len({m.dtype for m in masks}) == 1 else flat.dtype
+        keep = torch.zeros(flat.numel(), dtype=dtype, device=flat.device)
+        keep.scatter_(0, torch.topk(flat, budget, sorted=False).indices, 1)
+        set_masks(layers, keep.split([layer.r[self.adapter] for layer in layers]), self.adapter)
 
     def log_metrics(self) -> dict[str, float]:
-        orth = [float(getattr(l, "orthogonality_value", 0.0)) for l in self.layers.values()]  # set in backward
+        orth = [getattr(l, "orthogonality_value", 0.0) for l in self.layers.values()]  # tensors, set in backward
         return {"adalora/budget": float(self.budget), "adalora/active_rank": float(self.active_rank()),
-                "adalora/orthogonality": sum(orth) / max(len(orth), 1)}
+                "adalora/orthogonality": host_sum(orth) / max(len(orth), 1)}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "budget": self.budget, "final": self.final,
