@@ -141,10 +141,7 @@ class RankLoraLinear(LoraLinear):
 
     def set_width(self, width: int, adapter: str = "default") -> None:
         """Prefix mask: the first `width` ranks are active (elastic supernets are nested)."""
-        buf = self.lora_rank_mask[adapter]
-        buf.zero_()
-        buf[:width] = 1
-        self.mask_generation += 1
+        set_widths([self], [width], adapter)
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
         a = self.lora_A[adapter].weight.float()
@@ -163,6 +160,30 @@ def set_masks(layers: list[RankLoraLinear], masks: list[torch.Tensor], adapter: 
     """RankLoraLinear.set_mask for many layers in one foreach copy (a controller may re-mask every module each step)."""
     buffers = [layer.lora_rank_mask[adapter] for layer in layers]
     foreach_copy_(buffers, [m.to(device=b.device, dtype=b.dtype) for m, b in zip(masks, buffers)])
+    for layer in layers:
+        layer.mask_generation += 1
+
+
+_PREFIX_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _prefix_mask(like: torch.Tensor, width: int) -> torch.Tensor:
+    """A mask shaped like `like` with its first `width` entries 1 (Python slicing: a negative width counts from
+    the end), made once per (size, width, device, dtype) on the mask's device, never written after."""
+    key = (like.numel(), width, like.device, like.dtype)
+    if key not in _PREFIX_MASKS:
+        with torch.inference_mode(False), torch.no_grad():
+            mask = torch.zeros(like.numel(), device=like.device, dtype=like.dtype)
+            mask[:width] = 1
+        _PREFIX_MASKS[key] = mask
+    return _PREFIX_MASKS[key]
+
+
+def set_widths(layers: list[RankLoraLinear], widths: list[int], adapter: str = "default") -> None:
+    """RankLoraLinear.set_width for many layers in one foreach copy from cached prefix masks (no host read, and a
+    couple of operators whatever the number of layers)."""
+    buffers = [layer.lora_rank_mask[adapter] for layer in layers]
+    foreach_copy_(buffers, [_prefix_mask(b, w).view_as(b) for b, w in zip(buffers, widths)])
     for layer in layers:
         layer.mask_generation += 1
 
