@@ -87,9 +87,11 @@ def test_elastic_steps_read_nothing(tiny_llama, tmp_path, sandwich):
 
 def test_adalora_budget_phase_reads_nothing(tiny_llama, tmp_path):
     """Importance at every step, re-masking at steps 1-4 (cubic budget, then the target), the final mask at step 5,
-    and the orthogonal regulariser in every adapted layer's backward."""
+    and the orthogonal regulariser: in every adapted layer's backward in the first pass, then batched in the
+    trainer's extra loss."""
     model, ctrl = _adalora(tiny_llama)
     _train(model, ctrl, tmp_path)
+    assert ctrl._batched_orthogonality and ctrl.orthogonality_values.numel() == len(ctrl.layers)
     assert ctrl.final and ctrl.budget == 2 * len(ctrl.layers) and ctrl.active_rank() == ctrl.budget
 
 

@@ -7,13 +7,15 @@ ZeRO partitions or FSDP2 shards): per element ipt = |p · ∇p|, its EMA (β1) a
 budget from the initial total rank to target_r per module between tinit and total_step − tfinal, re-masking every
 deltaT steps; after that the mask stays fixed. The controller only writes the mask buffers, identically on every
 process; it never edits a parameter (peft zeroes E in place, which an optimizer's master copy undoes under ZeRO).
-The orthogonal regulariser acts through the rank layer's backward (rank_layer._OrthogonalityGradient).
+The orthogonal regulariser acts through the rank layer's backward (rank_layer._OrthogonalityGradient), or, once
+FlexTrainer asks for the controller's extra loss and A and B are whole tensors on one device (one process, DDP,
+ZeRO-1/2), through one batched term for all layers (rank_layer.BatchedOrthogonalityGradient).
 """
 
 import torch
 
 from ..distributed.backends import full_values_and_grads
-from ..adapters.rank_layer import RankLoraLinear, set_masks
+from ..adapters.rank_layer import BatchedOrthogonalityGradient, RankLoraLinear, set_masks
 from .base import RankController, host_sum
 
 
@@ -47,6 +49,8 @@ class AdaLoRAController(RankController):
         self.final = False  # the mask is fixed once the budget reaches its target
         # peft: orth_reg_weight · mean over all A and B matrices, added once per optimizer step.
         weight = orth_reg_weight / (2 * len(layers)) / gradient_accumulation_steps
+        self.orthogonality_weight = weight
+        self._batched_orthogonality: list[list[str]] | bool | None = None  # see extra_loss
         for layer in layers.values():
             layer.lora_gate[adapter].requires_grad_(True)
             layer.orthogonality_weight = weight
@@ -78,6 +82,42 @@ class AdaLoRAController(RankController):
 
     def before_pass(self, step: int, pass_index: int) -> None:
         self.step = step
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The orthogonal regulariser for all layers at once: a zero whose backward adds the regulariser's gradient
+        to every A and B, batched per group of same-shaped layers (BatchedOrthogonalityGradient), where A and B are
+        whole tensors on one device (one process, DDP, ZeRO-1/2). The first call in training decides: there, the
+        layers' own regulariser is switched off from the next pass on (this pass's forward has applied it already)
+        and None is returned. Under ZeRO-3 and FSDP2, where A and B are sharded outside the layers' forward, the
+        layers keep it, as does a loop that never asks for the extra loss."""
+        if not torch.is_grad_enabled() or self.orthogonality_weight == 0:
+            return None
+        if self._batched_orthogonality is None:
+            self._batched_orthogonality = self._orthogonality_groups() or False
+            if self._batched_orthogonality:
+                for layer in self.layers.values():
+                    layer.orthogonality_weight = 0.0
+            return None
+        if not self._batched_orthogonality:
+            return None
+        params, counts = [], []
+        for names in self._batched_orthogonality:
+            params += [self.layers[n].lora_A[self.adapter].weight for n in names]
+            params += [self.layers[n].lora_B[self.adapter].weight for n in names]
+            counts.append(len(names))
+        return BatchedOrthogonalityGradient.apply(self.orthogonality_weight, self, counts, *params)
+
+    def _orthogonality_groups(self) -> list[list[str]]:
+        """Module names grouped by (r, in, out, dtypes) when every A and B is a whole tensor on one device, else []."""
+        groups: dict[tuple, list[str]] = {}
+        devices = set()
+        for name, layer in self.layers.items():
+            a, b = layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight
+            if any(hasattr(p, "ds_id") or hasattr(p, "to_local") or not p.requires_grad for p in (a, b)):
+                return []  # ZeRO-3 partition or FSDP2 DTensor: the layer's own backward has it whole
+            devices |= {a.device, b.device}
+            groups.setdefault((*a.shape, b.shape[0], a.dtype, b.dtype), []).append(name)
+        return list(groups.values()) if len(devices) == 1 else []
 
     @torch.no_grad()
     def on_final_gradients(self) -> None:
@@ -162,9 +202,12 @@ class AdaLoRAController(RankController):
         set_masks(layers, keep.split([layer.r[self.adapter] for layer in layers]), self.adapter)
 
     def log_metrics(self) -> dict[str, float]:
-        orth = [getattr(l, "orthogonality_value", 0.0) for l in self.layers.values()]  # tensors, set in backward
+        batched = getattr(self, "orthogonality_values", None) if self._batched_orthogonality else None
+        # Tensors set in backward: the batched term's (one per layer), or each layer's own.
+        orth = [batched.sum()] if batched is not None else [getattr(l, "orthogonality_value", 0.0)
+                                                            for l in self.layers.values()]
         return {"adalora/budget": float(self.budget), "adalora/active_rank": float(self.active_rank()),
-                "adalora/orthogonality": host_sum(orth) / max(len(orth), 1)}
+                "adalora/orthogonality": host_sum(orth) / max(len(self.layers), 1)}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "budget": self.budget, "final": self.final,

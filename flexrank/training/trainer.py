@@ -181,7 +181,7 @@ class FlexTrainer(PortableResume, Trainer):
                                                   loss_normalisation(self, num_items_in_batch, logits))
         extra = self.controller.extra_loss() if self.controller is not None else None
         if extra is not None:
-            loss = loss + extra
+            loss = loss + extra.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
