@@ -17,6 +17,9 @@ line.
 
 Not caught: device-to-device `.to(...)` and host-to-device copies (`torch.tensor(x, device="cuda")`), which look
 like no-ops when everything is on the CPU; `.to("cpu")` is caught when the device is given as the string "cpu".
+Inside the backward of an autograd Function the function mode is not active: a read there is caught by the aten
+operator it runs (every scalar conversion, `if t:`, boolean masks, nonzero), not `.cpu()` / `.tolist()`, which run
+none on a CPU tensor.
 """
 
 import os
@@ -103,7 +106,8 @@ class HostReadTrap:
             where = "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
             self.others[f"{what} at {where}"] = self.others.get(f"{what} at {where}", 0) + 1
             return
-        where = f"{os.path.relpath(frame.f_code.co_filename, os.path.dirname(_FLEXRANK.rstrip(os.sep)))}:{frame.f_lineno}"
+        root = os.path.dirname(_FLEXRANK.rstrip(os.sep))
+        where = f"{os.path.relpath(frame.f_code.co_filename, root)}:{frame.f_lineno}"
         self.violations.append(f"{what} at {where} ({frame.f_code.co_name})")
         raise HostRead(f"host read in flexrank's per-step path: {self.violations[-1]}")
 

@@ -35,8 +35,8 @@ class _ArmedSteps(TrainerCallback):
 
 def _train(model, controller, out, steps=STEPS, **extra) -> HostReadTrap:
     """FlexTrainer with flexrank's preemption callback, no logging or save step, every step checked."""
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=ACCUMULATION,
-                             max_steps=steps, learning_rate=1e-2, logging_steps=10 * steps, save_strategy="no",
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=ACCUMULATION, max_steps=steps, learning_rate=1e-2, logging_steps=10 * steps, save_strategy="no",
                              report_to=[], use_cpu=True, seed=0, **extra)
     trainer = FlexTrainer(model=model, args=args, train_dataset=ProgressionData(), controller=controller)
     preemption = PreemptionCallback()
@@ -80,7 +80,8 @@ def test_elastic_steps_read_nothing(tiny_llama, tmp_path, sandwich):
     """Sampled subnets with base widths (rank masks and activation masks), gradient accumulation, the step losses
     kept on the device; the sandwich rule under gradient checkpointing (the mask-unchanged check runs)."""
     model, ctrl = elastic_supernet(tiny_llama, sandwich=sandwich, base_widths=BASE_WIDTHS)
-    extra = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if sandwich else {}
+    checkpointing = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    extra = checkpointing if sandwich else {}
     _train(model, ctrl, tmp_path, **extra)
     assert sorted(ctrl.step_losses()) == list(range(STEPS))  # recorded as tensors, read here
 
