@@ -12,6 +12,7 @@ from transformers import TrainerCallback, TrainingArguments
 from flexrank.adapters.rank_layer import rank_layers, register_rank_layer
 from flexrank.checkpoints.preemption import PreemptionCallback
 from flexrank.controllers import AdaLoRAController, ElasticController, SoRAController
+from flexrank.elastic.distillation import Distillation
 from flexrank.elastic.search_space import space_from_spec
 from flexrank.training.trainer import FlexTrainer
 
@@ -75,15 +76,20 @@ def _sora(model, prox="sora"):
 BASE_WIDTHS = {"mlp": [1.0, 0.75, 0.5], "attention": [1.0, 0.5]}
 
 
-@pytest.mark.parametrize("sandwich", [False, True], ids=["sampled", "sandwich_checkpointed"])
-def test_elastic_steps_read_nothing(tiny_llama, tmp_path, sandwich):
+@pytest.mark.parametrize("sandwich, distill", [(False, False), (False, True), (True, True)],
+                         ids=["sampled", "sampled_distilled", "sandwich_checkpointed_distilled"])
+def test_elastic_steps_read_nothing(tiny_llama, tmp_path, sandwich, distill):
     """Sampled subnets with base widths (rank masks and activation masks), gradient accumulation, the step losses
-    kept on the device; the sandwich rule under gradient checkpointing (the mask-unchanged check runs)."""
-    model, ctrl = elastic_supernet(tiny_llama, sandwich=sandwich, base_widths=BASE_WIDTHS)
+    kept on the device; in-place distillation (the teacher's forward with the maximal subnet's masks, or the
+    sandwich's maximal pass as the teacher); the sandwich rule under gradient checkpointing (the mask-unchanged
+    check runs)."""
+    model, ctrl = elastic_supernet(tiny_llama, sandwich=sandwich, base_widths=BASE_WIDTHS,
+                                   distill=Distillation(weight=0.5, temperature=2.0) if distill else None)
     checkpointing = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
     extra = checkpointing if sandwich else {}
     _train(model, ctrl, tmp_path, **extra)
     assert sorted(ctrl.step_losses()) == list(range(STEPS))  # recorded as tensors, read here
+    assert bool(ctrl._distill_unlogged) == distill  # the distillation terms, kept for the next logging step
 
 
 def test_adalora_budget_phase_reads_nothing(tiny_llama, tmp_path):
