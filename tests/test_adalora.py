@@ -151,3 +151,28 @@ def test_export_keeps_the_allocated_ranks(tiny_llama, batch, tmp_path):
     stock = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=batch["input_ids"]).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_batched_regulariser_gradient_equals_the_layers_own(tiny_llama, batch):
+    """Where A and B are whole tensors (one process, DDP, ZeRO-1/2), the trainer's extra loss carries the orthogonal
+    regulariser for all layers at once, batched per shape group, once the first pass has switched the layers' own
+    off: the same gradients, the same logged value. A loop that never asks for the extra loss keeps the layers'."""
+    per_layer, ctrl_a = adalora_model(copy.deepcopy(tiny_llama), target_r=2, total_step=10)
+    batched, ctrl_b = adalora_model(tiny_llama, target_r=2, total_step=10)
+    batched.load_state_dict(per_layer.state_dict())  # the same random A and B
+    assert ctrl_b.extra_loss() is None  # the first call decides (this pass's forward had the layers' regulariser)
+    assert all(l.orthogonality_weight == 0 for l in ctrl_b.layers.values())
+    assert {l.orthogonality_weight for l in ctrl_a.layers.values()} == {ctrl_b.orthogonality_weight}
+    per_layer.train(), batched.train()
+    per_layer(**batch).loss.backward()
+    loss = batched(**batch).loss
+    extra = ctrl_b.extra_loss()
+    assert extra is not None and float(extra) == 0.0
+    (loss + extra).backward()
+    for (name, p), q in zip(per_layer.named_parameters(), batched.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
+    assert ctrl_b.log_metrics()["adalora/orthogonality"] == pytest.approx(
+        ctrl_a.log_metrics()["adalora/orthogonality"], rel=1e-6)
+    with torch.no_grad():  # evaluation: no term
+        assert ctrl_b.extra_loss() is None

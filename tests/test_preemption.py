@@ -165,3 +165,32 @@ def test_an_evaluation_stops_at_the_batch_after_the_signal():
         restore()
         catch_signals()()  # clear this process's flag for the tests that follow
     assert ran == [[0, 1], [2, 3]]
+
+
+def test_the_step_agreement_runs_on_host_tensors_over_gloo(tmp_path, monkeypatch):
+    """The per-step agreement never touches the GPU: under a default group whose backend takes no CPU tensors
+    (NCCL), it all-reduces a host tensor over a gloo group made once over the same processes. Here one gloo process
+    poses as NCCL (no NCCL on CPU machines)."""
+    import torch.distributed as dist
+
+    from flexrank.checkpoints import preemption
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert preemption._host_group() is dist.group.WORLD  # gloo takes CPU tensors: the default group
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        made = []
+        new_group = dist.new_group
+        monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or new_group(**kw))
+        restore = preemption.catch_signals()
+        try:
+            assert preemption.agreed_signal(together=True) == 0
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert preemption.agreed_signal(together=True) == signal.SIGUSR1
+        finally:
+            restore()
+            preemption.catch_signals()()  # clear this process's flag for the tests that follow
+        assert made == [{"backend": "gloo"}]  # made once, at the first agreement
+    finally:
+        dist.destroy_process_group()
+        preemption._HOST_GROUP[:] = [None, None]

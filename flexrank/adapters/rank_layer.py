@@ -50,6 +50,39 @@ class _OrthogonalityGradient(torch.autograd.Function):
         return grad, grad_a.to(a_in.dtype), grad_b.to(b_in.dtype), None, None
 
 
+class BatchedOrthogonalityGradient(torch.autograd.Function):
+    """The same regulariser gradient as _OrthogonalityGradient, for many layers at once: `apply(weight, owner,
+    counts, *params)` returns a zero to add to the loss, and its backward adds w · ∂(‖AAᵀ − I‖_F + ‖BᵀB − I‖_F)/∂(A, B)
+    to every A and B, with batched matrix products per group of same-shaped layers (`counts[i]` A's, then as many
+    B's, per group): a dozen operators per group instead of a Python autograd node and about twenty operators per
+    layer. Only for A and B that are whole tensors outside the layers' forward (one process, DDP, ZeRO-1/2), all
+    on one device; leaves the regulariser's value per layer (group order) on `owner.orthogonality_values`."""
+
+    @staticmethod
+    def forward(ctx, weight, owner, counts, *params):
+        ctx.save_for_backward(*params)
+        ctx.weight, ctx.owner, ctx.counts = weight, owner, counts
+        return params[0].new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        params, grads, values, start = ctx.saved_tensors, [], [], 0
+        for n in ctx.counts:
+            a_in, b_in = params[start:start + n], params[start + n:start + 2 * n]
+            start += 2 * n
+            a, b = torch.stack(a_in).float(), torch.stack(b_in).float()  # (n, r, in), (n, out, r)
+            minus_eye = _minus_eye(a.shape[1], a.device)
+            m_a = torch.baddbmm(minus_eye, a, a.transpose(1, 2))  # A Aᵀ − I
+            m_b = torch.baddbmm(minus_eye, b.transpose(1, 2), b)  # Bᵀ B − I
+            norm_a, norm_b = torch.linalg.vector_norm(m_a, dim=(1, 2)), torch.linalg.vector_norm(m_b, dim=(1, 2))
+            values.append(norm_a + norm_b)
+            grad_a = torch.bmm(m_a, a).mul_((2 * ctx.weight / norm_a.clamp_min(1e-12)).view(-1, 1, 1))
+            grad_b = torch.bmm(b, m_b).mul_((2 * ctx.weight / norm_b.clamp_min(1e-12)).view(-1, 1, 1))
+            grads += grad_a.to(a_in[0].dtype).unbind(0) + grad_b.to(b_in[0].dtype).unbind(0)
+        ctx.owner.orthogonality_values = torch.cat(values).detach()
+        return None, None, None, *grads
+
+
 _MINUS_EYE: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
@@ -141,10 +174,7 @@ class RankLoraLinear(LoraLinear):
 
     def set_width(self, width: int, adapter: str = "default") -> None:
         """Prefix mask: the first `width` ranks are active (elastic supernets are nested)."""
-        buf = self.lora_rank_mask[adapter]
-        buf.zero_()
-        buf[:width] = 1
-        self.mask_generation += 1
+        set_widths([self], [width], adapter)
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
         a = self.lora_A[adapter].weight.float()
@@ -163,6 +193,30 @@ def set_masks(layers: list[RankLoraLinear], masks: list[torch.Tensor], adapter: 
     """RankLoraLinear.set_mask for many layers in one foreach copy (a controller may re-mask every module each step)."""
     buffers = [layer.lora_rank_mask[adapter] for layer in layers]
     foreach_copy_(buffers, [m.to(device=b.device, dtype=b.dtype) for m, b in zip(masks, buffers)])
+    for layer in layers:
+        layer.mask_generation += 1
+
+
+_PREFIX_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _prefix_mask(like: torch.Tensor, width: int) -> torch.Tensor:
+    """A mask shaped like `like` with its first `width` entries 1 (Python slicing: a negative width counts from
+    the end), made once per (size, width, device, dtype) on the mask's device, never written after."""
+    key = (like.numel(), width, like.device, like.dtype)
+    if key not in _PREFIX_MASKS:
+        with torch.inference_mode(False), torch.no_grad():
+            mask = torch.zeros(like.numel(), device=like.device, dtype=like.dtype)
+            mask[:width] = 1
+        _PREFIX_MASKS[key] = mask
+    return _PREFIX_MASKS[key]
+
+
+def set_widths(layers: list[RankLoraLinear], widths: list[int], adapter: str = "default") -> None:
+    """RankLoraLinear.set_width for many layers in one foreach copy from cached prefix masks (no host read, and a
+    couple of operators whatever the number of layers)."""
+    buffers = [layer.lora_rank_mask[adapter] for layer in layers]
+    foreach_copy_(buffers, [_prefix_mask(b, w).view_as(b) for b, w in zip(buffers, widths)])
     for layer in layers:
         layer.mask_generation += 1
 

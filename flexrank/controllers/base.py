@@ -39,6 +39,19 @@ class LossNormalisation:
     divisor: float = 1.0
 
 
+def host_sum(values: list) -> float:
+    """The sum of numbers and scalar tensors as a Python number, summed on each tensor's device and read once per
+    device (not once per tensor: every read waits for the device)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    total = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(v.detach().reshape(()))
+        else:
+            total += v
+    return total + sum(torch.stack(vs).double().sum().item() for vs in by_device.values())
+
+
 class RankController:
     def __init__(self, layers: dict[str, RankLoraLinear], adapter: str = "default"):
         self.layers, self.adapter = layers, adapter
@@ -102,8 +115,8 @@ class RankController:
 
     def active_rank(self) -> int:
         """Ranks the masks leave on (masks are replicated buffers: readable on every backend, unlike the
-        gates, which ZeRO-3 partitions)."""
-        return int(sum(int(torch.count_nonzero(l.lora_rank_mask[self.adapter])) for l in self.layers.values()))
+        gates, which ZeRO-3 partitions). Reads the device: for logging steps and reports, not per step."""
+        return int(host_sum([torch.count_nonzero(l.lora_rank_mask[self.adapter]) for l in self.layers.values()]))
 
     def state_dict(self) -> dict:
         return {}

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..adapters.rank_layer import RankLoraLinear
+from ..adapters.rank_layer import RankLoraLinear, set_widths
 from ..elastic.base_masks import BaseMasks
 from ..elastic.distillation import Distillation
 from ..elastic.search_space import SearchSpace
@@ -30,6 +30,9 @@ class ElasticController(RankController):
         self.base_masks = base_masks
         if base_masks is None and space.base_module_widths(space.maximal()):
             raise ValueError("a search space with base-width groups needs the BaseMasks that apply them")
+        # Module -> (width, the layer's mask_generation right after this controller wrote it): a mask is written
+        # only when its width changes or someone else wrote it since (decided in Python: no tensor is read).
+        self._written: dict[str, tuple[int, int]] = {}
         self.config: dict[str, int] = space.maximal()
         self.activate(self.config)
         self.history: dict[int, dict[str, int]] = {}  # optimizer step -> sampled subnet (logged by the trainer)
@@ -54,11 +57,27 @@ class ElasticController(RankController):
 
     def activate(self, which: str | dict) -> dict[str, int]:
         self.config = self.subnet(which)
-        for name, width in self.space.module_widths(self.config).items():
-            self.layers[name].set_width(width, self.adapter)
-        if self.base_masks is not None:
+        self._set_rank_widths(self.space.module_widths(self.config))
+        if self.base_masks is not None:  # Python state read by the hooks: nothing is written to a tensor here
             self.base_masks.set_widths(self.space.base_module_widths(self.config))
         return self.config
+
+    def _set_rank_widths(self, widths: dict[str, int]) -> None:
+        """The modules' prefix masks, written in one foreach copy for those whose width changed (a micro-batch
+        or a pass of the same subnet, or a step within a sample_rate window, writes nothing)."""
+        stale, others = [], []
+        for name, width in widths.items():
+            layer = self.layers[name]
+            generation = getattr(layer, "mask_generation", None)
+            if generation is None:  # not a RankLoraLinear (the nncf quantizer's adapter): its own set_width
+                others.append((layer, width))
+            elif self._written.get(name) != (width, generation):
+                stale.append((name, layer, width))
+        if stale:
+            set_widths([layer for _, layer, _ in stale], [width for _, _, width in stale], self.adapter)
+            self._written.update((name, (width, layer.mask_generation)) for name, layer, width in stale)
+        for layer, width in others:
+            layer.set_width(width, self.adapter)
 
     def passes(self, step: int) -> int:
         return 3 if self.sandwich else 1

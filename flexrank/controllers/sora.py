@@ -120,14 +120,15 @@ class SoRAController(RankController):
         for group, p, _ in self._gate_tensors(optimizer):
             by_group.setdefault(id(group), (group, []))[1].append(p)
         for group, tensors in by_group.values():
-            # Elementwise, so applied once to the group's gates concatenated (the same values as gate by gate).
+            # Elementwise, so applied once to the group's gates concatenated (the same values as gate by gate), with
+            # elementwise selects only: boolean-mask indexing (p[p > xi] -= xi) would wait for the device each time.
             p = torch.cat([t.reshape(-1) for t in tensors])
             if self.prox == "textbook":
                 p = torch.sign(p) * torch.clamp(p.abs() - group["lr"] * xi, min=0)
-            else:  # the original repository's sequence, in place
-                p[p > xi] -= xi
-                p[p < -xi] += xi
-                p[p.abs() < xi] = 0
+            else:  # the original repository's sequence g[g>ξ] −= ξ; g[g<−ξ] += ξ; g[|g|<ξ] = 0, same values:
+                # an entry the first line shrinks stays > 0, so the second line acts on the entries < −ξ as they were.
+                p = torch.where(p > xi, p - xi, torch.where(p < -xi, p + xi, p))
+                p.masked_fill_(p.abs() < xi, 0)
             parts = p.split([t.numel() for t in tensors])
             foreach_copy_(tensors, [part.view_as(t) for part, t in zip(parts, tensors)])
 
@@ -139,10 +140,14 @@ class SoRAController(RankController):
         """Full gate vectors per module (gathered from ZeRO-3 / FSDP2 shards: a collective)."""
         names = list(self.layers)
         with gathered([self.layers[n].lora_gate[self.adapter] for n in names]) as full:
-            return {n: t.detach().float().cpu().clone() for n, t in zip(names, full)}
+            if not full:
+                return {}
+            # One copy to the host for all gates (a copy per gate would wait for the device once per module).
+            flat = torch.cat([t.detach().float().reshape(-1).to(full[0].device) for t in full]).cpu()
+            return {n: part.view_as(t) for n, part, t in zip(names, flat.split([t.numel() for t in full]), full)}
 
     def active_rank(self) -> int:
-        return int(sum(int(torch.count_nonzero(g)) for g in self.gate_values().values()))
+        return int(sum(int(torch.count_nonzero(g)) for g in self.gate_values().values()))  # host copies
 
     def log_metrics(self) -> dict[str, float]:
         gates = torch.cat(list(self.gate_values().values()))

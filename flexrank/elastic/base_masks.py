@@ -70,6 +70,7 @@ class BaseMasks:
         modules = dict(model.named_modules())
         self.sizes = dict(sizes)
         self.widths = dict(sizes)  # full width: the hook is a no-op
+        self._keep: dict[str, tuple[tuple, torch.Tensor]] = {}  # name -> (width, size, device, dtype), its mask
         self.handles = [modules[name].register_forward_pre_hook(self._hook(name)) for name in self.sizes]
 
     def set_widths(self, widths: dict[str, int]) -> None:
@@ -84,9 +85,18 @@ class BaseMasks:
             x = args[0]
             if width >= x.shape[-1]:
                 return None
-            keep = torch.arange(x.shape[-1], device=x.device) < width
-            return (x * keep.to(x.dtype),) + tuple(args[1:])
+            return (x * self._mask(name, width, x),) + tuple(args[1:])
         return mask_input
+
+    def _mask(self, name: str, width: int, x: torch.Tensor) -> torch.Tensor:
+        """The 0/1 channel mask for `x`, made when the width (or the input's size, device, dtype) changes, not at
+        every forward (a normal tensor even under inference_mode: a later training forward saves it for backward)."""
+        key = (width, x.shape[-1], x.device, x.dtype)
+        cached = self._keep.get(name)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False):
+                cached = self._keep[name] = (key, (torch.arange(x.shape[-1], device=x.device) < width).to(x.dtype))
+        return cached[1]
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -165,7 +165,7 @@ class FlexTrainer(PortableResume, Trainer):
             finally:
                 self._training_pass = False
         self.controller.record_loss(step, losses)
-        return torch.stack(losses).mean()
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = self.controller is not None and self._training_pass
@@ -181,7 +181,7 @@ class FlexTrainer(PortableResume, Trainer):
                                                   loss_normalisation(self, num_items_in_batch, logits))
         extra = self.controller.extra_loss() if self.controller is not None else None
         if extra is not None:
-            loss = loss + extra
+            loss = loss + extra.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
