@@ -52,6 +52,7 @@ from flexrank.models.loading import load_base_model, load_tokenizer  # noqa: E40
 from flexrank.adapters.registry import method_for  # noqa: E402
 from flexrank.data.pipeline import load_data, tokenize, tokenize_train  # noqa: E402
 from flexrank.training.arguments import step_plan, training_arguments  # noqa: E402
+from flexrank.training.transformers_internals import attention_kernel  # noqa: E402
 
 # Adapter settings per method (flexrank recipe form; stock.py writes the same ones in peft's form). r=8, all linear
 # layers everywhere, so that the controllers' overhead is measured on the same adapter shapes as plain LoRA.
@@ -294,7 +295,7 @@ def side_info(trainer) -> dict:
     """What really ran: the attention kernel transformers was given, the frozen weights' dtype, autocast."""
     model = trainer.model
     frozen = next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
-    return {"attn_implementation": getattr(model.config, "_attn_implementation", None),
+    return {"attn_implementation": attention_kernel(model),
             "weights_dtype": str(frozen.dtype).removeprefix("torch.") if frozen is not None else None,
             "autocast": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else None,
             "liger": bool(trainer.args.use_liger_kernel),
