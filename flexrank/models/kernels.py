@@ -21,15 +21,18 @@ def attention_dtype_problem(requested: str, dtype: str) -> ConfigError | None:
     return None
 
 
+def _below_sm80() -> str | None:
+    """Why this GPU cannot run flash kernels (flash-attn's and torch's both need compute capability 8.0+), or None."""
+    major, _ = torch.cuda.get_device_capability()
+    return f"GPU compute capability {major}.x < 8.0" if major < 8 else None
+
+
 def _flash_attn_missing() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     if importlib.util.find_spec("flash_attn") is None:
         return "flash-attn is not installed (pip install 'flexrank[gpu]')"
-    major, _ = torch.cuda.get_device_capability()
-    if major < 8:
-        return f"GPU compute capability {major}.x < 8.0"
-    return None
+    return _below_sm80()
 
 
 def _torch_varlen_missing() -> str | None:
@@ -40,10 +43,7 @@ def _torch_varlen_missing() -> str | None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     if not torch.backends.cuda.is_flash_attention_available():
         return "this torch build has no flash attention kernels"
-    major, _ = torch.cuda.get_device_capability()
-    if major < 8:
-        return f"GPU compute capability {major}.x < 8.0"
-    return None
+    return _below_sm80()
 
 
 def varlen_backend(device: str, dtype, softcap: bool = False, dropout: bool = False) -> tuple[str, str]:
