@@ -6,6 +6,8 @@ Trainer + peft, for the bundled SmolLM2-135M and a ~1B Llama-shaped model, in on
     python bench/gpu.py --model /path/to/Llama-3.2-1B --model smollm2-135m-instruct
     python bench/gpu.py --config bench/configs/llama-3.2-1b-shape.json --rows lora,stock,lora-fp32
     python bench/gpu.py --dry-run            # CPU: every row, its settings, tokens/step and FLOPs/token
+    python bench/gpu.py --cpu --config bench/configs/host-bound-30-layers.json --rows lora-small,stock-small
+                                             # CPU: the fixed per-step cost, flexrank vs stock (almost no arithmetic)
 
 Models: --model takes a bundled name, a local folder or a hub id (flexrank's resolution; HF_HUB_OFFLINE is
 honoured); --config a config JSON (or a folder with config.json): random bf16 weights are built from it on the GPU
@@ -79,6 +81,7 @@ ROWS = [
     Row("lora-bf16-weights", "flexrank LoRA, SDPA, bf16 weights without autocast", bf16=False),
     Row("lora-fp32", "flexrank LoRA, SDPA, fp32", dtype="float32", bf16=False),
     Row("lora-small", "flexrank LoRA, SDPA, small batch (the fixed per-step cost)", batch="small"),
+    Row("stock-small", "stock Trainer + peft LoRA, SDPA, small batch", side="stock", batch="small"),
     # flexrank's varlen attention (models/varlen.py: flash-attn / torch varlen in bf16 on CUDA, else SDPA per record):
     # no dense packed mask, no cuDNN plan per new shape; bf16 should then be at least as fast as fp32
     Row("varlen", "flexrank LoRA, varlen attention", attention="varlen"),
@@ -96,6 +99,7 @@ ROWS_BY_ID = {r.id: r for r in ROWS}
 # (name, A, B, metric): speedup = B's step time / A's (same batches), overhead = A's / B's - 1; per round of steps.
 COMPARISONS = [
     ("flexrank LoRA vs stock Trainer + peft", "lora", "stock", "speedup"),
+    ("flexrank LoRA vs stock, small batch (the fixed per-step cost)", "lora-small", "stock-small", "speedup"),
     ("bf16 (weights + autocast) vs fp32", "lora", "lora-fp32", "speedup"),
     ("bf16 weights: with autocast vs without", "lora", "lora-bf16-weights", "speedup"),
     ("attention auto vs SDPA", "lora-auto", "lora", "speedup"),
@@ -501,7 +505,9 @@ def parse_args(argv=None):
     p.add_argument("--sample", type=int, default=2048, help="records tokenized to size the batches")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)  # tests/test_bench.py: the script on CPU
+    p.add_argument("--cpu", action="store_true",
+                   help="run the rows on the CPU (bf16 autocast too): the per-step host cost without a GPU, e.g. with "
+                        "--config bench/configs/host-bound-30-layers.json --rows lora-small,stock-small")
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     if not a.model and not a.config:

@@ -68,23 +68,25 @@ def test_gpu_runs_its_rows_on_cpu_from_a_config(tmp_path):
     config = tmp_path / "tiny.json"
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                 vocab_size=49152, tie_word_embeddings=True).to_json_file(config)
-    out = _run("gpu.py", "--cpu", "--config", str(config), "--rows", "lora,stock,lora-small,flash", "--tokens", "150",
-               "--small-batch", "2", "--steps", "2", "--warmup", "1", "--sample", "128", "--out", str(tmp_path)).stdout
+    out = _run("gpu.py", "--cpu", "--config", str(config), "--rows", "lora,stock,lora-small,stock-small,flash",
+               "--tokens", "150", "--small-batch", "2", "--steps", "2", "--warmup", "1", "--sample", "128", "--out", str(tmp_path)).stdout
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("gpu-*.json")]
     (model,) = result["models"].values()
     rows = model["rows"]
     assert model["random_weights"] and (Path(model["path"]) / "config.json").exists()
-    for row_id in ("lora", "stock", "lora-small"):
+    for row_id in ("lora", "stock", "lora-small", "stock-small"):
         r = rows[row_id]
         assert len(r["step_times"]) == len(r["warm_times"]) == 2, row_id
         assert r["attn_implementation"] == "sdpa" and r["weights_dtype"] == "bfloat16" and r["autocast"] == "bf16"
     assert rows["lora-small"]["batch"] == 2 and rows["lora"]["batch"] == model["batches"]["large"]
     # flexrank and stock step through the same batches (the premise of the per-round ratios)
     assert rows["lora"]["useful_tokens_per_step"] == rows["stock"]["useful_tokens_per_step"]
+    assert rows["lora-small"]["useful_tokens_per_step"] == rows["stock-small"]["useful_tokens_per_step"]
     assert "skipped" in rows["flash"]
     assert "| tiny (random weights) | lora | sdpa | bfloat16, autocast bf16 |" in out
     assert "| tiny (random weights) | flash | skipped: " in out
     assert "| flexrank LoRA vs stock Trainer + peft | " in out
+    assert "| flexrank LoRA vs stock, small batch (the fixed per-step cost) | " in out
     assert result["table"] in out
 
 
@@ -118,29 +120,38 @@ def test_run_writes_json_and_table_from_a_measured_run(tiny_llama_dir, tmp_path)
                                           f"{runs['stock lora single'][0]['peak_memory_bytes'] / 2**20:.0f}"))
 
 
-def test_turns_alternate_steps_and_skip_finished_sides():
-    """measure.py's Turns: one step per side in turn, each round starting one side later (A B C, B C A, C A B);
-    a side that finished is skipped."""
+def _in_threads(side, args: list[tuple]) -> None:
+    """One thread per side, `side(*args[i])`, all joined."""
     import threading
 
-    from measure import Turns
-
-    turns, log = Turns(3), []
-
-    def side(index, steps):
-        turns.wait(index)
-        for step in range(steps):
-            if step:
-                turns.hand_over(index)
-                turns.wait(index)
-            log.append(index)
-        turns.hand_over(index, finished=True)
-
-    threads = [threading.Thread(target=side, args=(i, n)) for i, n in enumerate((4, 1, 3))]
+    threads = [threading.Thread(target=side, args=a) for a in args]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
+
+
+def _take_turns(turns, steps: tuple[int, ...], turn) -> None:
+    """Side i takes steps[i] turns through `turns` (measure.Turns), then finishes; `turn(i)` runs in each of them."""
+    def side(index, count):
+        turns.wait(index)
+        for step in range(count):
+            if step:
+                turns.hand_over(index)
+                turns.wait(index)
+            turn(index)
+        turns.hand_over(index, finished=True)
+
+    _in_threads(side, list(enumerate(steps)))
+
+
+def test_turns_alternate_steps_and_skip_finished_sides():
+    """measure.py's Turns: one step per side in turn, each round starting one side later (A B C, B C A, C A B);
+    a side that finished is skipped."""
+    from measure import Turns
+
+    log = []
+    _take_turns(Turns(3), (4, 1, 3), log.append)
     # rounds: 0 1 2 | (1 finished) 2 0 | 2 0 | 0
     assert log == [0, 1, 2, 2, 0, 2, 0, 0]
 
@@ -148,29 +159,17 @@ def test_turns_alternate_steps_and_skip_finished_sides():
 def test_warm_turns_run_a_warm_pass_then_the_steps_in_each_rounds_order():
     """Turns(warm=True): each round is two passes in its rotated order, warm passes then timed steps; a finished
     side is skipped in both."""
-    import threading
-
     from measure import Turns
 
     turns, log = Turns(3, warm=True), []
 
-    def side(index, steps):
+    def warm_then_step(index):
+        log.append(("warm", index))
+        turns.hand_over(index)
         turns.wait(index)
-        for step in range(steps):
-            if step:
-                turns.hand_over(index)
-                turns.wait(index)
-            log.append(("warm", index))
-            turns.hand_over(index)
-            turns.wait(index)
-            log.append(("step", index))
-        turns.hand_over(index, finished=True)
+        log.append(("step", index))
 
-    threads = [threading.Thread(target=side, args=(i, n)) for i, n in enumerate((2, 1, 2))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    _take_turns(turns, (2, 1, 2), warm_then_step)
     # round 0: warm 0 1 2, steps 0 1 2 | round 1 (order 1 2 0, side 1 finished): warm 2 0, steps 2 0
     assert log == [("warm", 0), ("warm", 1), ("warm", 2), ("step", 0), ("step", 1), ("step", 2),
                    ("warm", 2), ("warm", 0), ("step", 2), ("step", 0)]
@@ -204,11 +203,7 @@ def _shared_shapes(warm: bool, sides: int = 3, steps: int = 6):
             clock.on_step_end(None, None, None)
         turns.hand_over(index, finished=True)
 
-    threads = [threading.Thread(target=side, args=(i,)) for i in range(sides)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    _in_threads(side, [(i,) for i in range(sides)])
     return events, clocks
 
 

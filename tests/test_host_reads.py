@@ -1,6 +1,10 @@
 """Controllers that do not stall the GPU: no tensor-to-host read in flexrank's per-step path (controllers, their
 optimizer hooks, the rank layer, FlexTrainer and flexrank's callbacks) outside logging and save steps, and mask
-writes only when a mask changes. Runs on the CPU: host reads are found by what they are (tests/host_reads.py)."""
+writes only when a mask changes; nothing else in a whole non-logging step reads either (the Trainer's loop included)
+but the model's mask builder, and the FLOP count does not walk the model every step. Runs on the CPU: host reads
+are found by what they are (tests/host_reads.py)."""
+
+import os
 
 import pytest
 import torch
@@ -34,12 +38,15 @@ class _ArmedSteps(TrainerCallback):
         self.steps += 1
 
 
-def _train(model, controller, out, steps=STEPS, **extra) -> HostReadTrap:
-    """FlexTrainer with flexrank's preemption callback, no logging or save step, every step checked."""
+def _train(model, controller, out, steps=STEPS, trainers=None, **extra) -> HostReadTrap:
+    """FlexTrainer with flexrank's preemption callback, no logging or save step, every step checked. `trainers`: a
+    list that gets the trainer."""
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2,
                              gradient_accumulation_steps=ACCUMULATION, max_steps=steps, learning_rate=1e-2, logging_steps=10 * steps, save_strategy="no",
                              report_to=[], use_cpu=True, seed=0, **extra)
     trainer = FlexTrainer(model=model, args=args, train_dataset=ProgressionData(), controller=controller)
+    if trainers is not None:
+        trainers.append(trainer)
     preemption = PreemptionCallback()
     trap = HostReadTrap()
     armed = _ArmedSteps(trap)
@@ -199,3 +206,36 @@ def test_sora_never_writes_a_mask(tiny_llama, tmp_path):
     before = _generations(ctrl)
     _train(model, ctrl, tmp_path, steps=3)
     assert _generations(ctrl) == before
+
+
+@pytest.mark.parametrize("kind", ["lora", "elastic"])
+def test_a_whole_step_reads_nothing(tiny_llama, tmp_path, kind):
+    """Nothing in a non-logging step of a FlexTrainer run reads a tensor on the host outside the model's forward,
+    flexrank's code or not (the Trainer's loop, accelerate's gradient clipping, peft, the optimizer): the Trainer's
+    own NaN/inf filter of the logged loss would, once per micro-batch; FlexTrainer applies it on the device. The
+    model's forward reads once, in transformers' attention-mask builder (masking_utils: whether the row is packed,
+    whether the padding mask can be skipped), as in a stock run."""
+    if kind == "lora":
+        model, ctrl = get_peft_model(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")), None
+    else:
+        model, ctrl = elastic_supernet(tiny_llama)
+    trap = _train(model, ctrl, tmp_path, max_grad_norm=1.0)
+    # (the elastic helper's recording controller reads its masks: test code)
+    libraries = [read for read in trap.others if f"{os.sep}tests{os.sep}" not in read]
+    outside_the_mask_builder = [read for read in libraries if "transformers/masking_utils.py" not in read]
+    assert outside_the_mask_builder == [] and libraries  # the mask builder's reads show that others are seen
+
+
+def test_the_flop_count_counts_the_parameters_once(tiny_llama, tmp_path):
+    """The run's total FLOPs are the Trainer's (6 x tokens x non-embedding parameters), but the parameters are
+    counted once: the Trainer counts them at every micro-batch, a walk over every module of the model (~8 ms per
+    step for SmolLM2's 30 layers with LoRA on every linear layer)."""
+    model = get_peft_model(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    parameters = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    count, calls = tiny_llama.num_parameters, []
+    tiny_llama.num_parameters = lambda **kwargs: (calls.append(kwargs), count(**kwargs))[1]
+    trainers = []
+    _train(model, None, tmp_path, trainers=trainers)
+    tokens = STEPS * ACCUMULATION * 2 * 16  # steps x micro-batches x 2 records of 16 tokens (ProgressionData)
+    assert trainers[0].state.total_flos == 6 * tokens * parameters
+    assert calls == [{"exclude_embeddings": True}]

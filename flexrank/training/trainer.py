@@ -14,7 +14,7 @@ from ..adapters.rank_layer import guard_recomputation
 from ..controllers import RankController
 from ..controllers.base import STATE_FILE
 from ..io import atomic_path
-from .transformers_internals import loss_normalisation
+from .transformers_internals import filter_non_finite_loss, loss_normalisation
 
 LABEL_KEYS = ("labels", "shift_labels")  # targets: not inputs of a teacher's forward
 
@@ -121,6 +121,10 @@ class FlexTrainer(PortableResume, Trainer):
         self.add_callback(PortableStateCallback(self))
         keep, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(_CompleteCheckpoints(self, keep))
+        # The Trainer's NaN/inf filter of the logged loss reads every micro-batch's loss on the host (a GPU sync per
+        # step); FlexTrainer applies the same filter on the device (training_step).
+        self.filter_non_finite, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
+        self._flops_per_token = None  # (main input name, the Trainer's FLOPs for one token): floating_point_ops
         if controller is not None:
             self.add_callback(_ControllerCallback(self, controller))
 
@@ -152,6 +156,10 @@ class FlexTrainer(PortableResume, Trainer):
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = self._training_passes(model, inputs, num_items_in_batch)
+        return filter_non_finite_loss(self, loss) if self.filter_non_finite else loss
+
+    def _training_passes(self, model, inputs, num_items_in_batch):
         if self.controller is None:
             return super().training_step(model, inputs, num_items_in_batch)
         step = self.state.global_step
@@ -183,6 +191,15 @@ class FlexTrainer(PortableResume, Trainer):
         if extra is not None:
             loss = loss + extra.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's count (6 x tokens x non-embedding parameters), with the parameters counted once: the
+        Trainer counts them again at every micro-batch, a walk over every module of the model."""
+        if self._flops_per_token is None:
+            main = getattr(self.model, "main_input_name", "input_ids")
+            self._flops_per_token = main, super().floating_point_ops({main: torch.empty(1)})
+        main, per_token = self._flops_per_token
+        return per_token * inputs[main].numel() if main in inputs else 0
 
     def log(self, logs, *args, **kwargs):
         if self.controller is not None and "loss" in logs:

@@ -15,10 +15,15 @@ when an upgrade changes it.
   labelled items of the whole step, times the number of processes, or a micro-batch mean) and what `training_step`
   divides it by, so that in-place distillation normalises its term alike. Public attributes, but the rules
   combine the Trainer's and the models' loss code (no public accessor says which reduction a loss used).
+- `filter_non_finite_loss` is the Trainer's `logging_nan_inf_filter` on the device: the Trainer's own filter reads
+  every micro-batch's loss on the host (`torch.isnan(loss) or torch.isinf(loss)`), which on a GPU waits for the
+  backward to finish before the optimizer step is queued. It uses the Trainer's logging accumulators
+  (`_tr_loss`, `_globalstep_last_logged`).
 - `rewind_scheduler` moves a scheduler (transformers' get_scheduler: a torch LambdaLR) to a saved position through
   its state dict keys `last_epoch` and `_step_count`.
 """
 
+import math
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -91,6 +96,18 @@ def loss_normalisation(trainer: Trainer, num_items_in_batch, logits: torch.Tenso
         scaled = (trainer.model_accepts_loss_kwargs and given) or trainer.compute_loss_func is not None
     divisor = 1 if scaled else getattr(trainer, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
     return LossNormalisation(items=items, factor=factor, divisor=divisor)
+
+
+def filter_non_finite_loss(trainer: Trainer, loss: torch.Tensor) -> torch.Tensor:
+    """What the Trainer's logging_nan_inf_filter adds to its logged training loss for a micro-batch's `loss`, with no
+    host read: the loss, or if it is NaN or infinite, the mean of what was added since the last logging step
+    (transformers 5's loop: `_tr_loss += _tr_loss / (1 + global_step - _globalstep_last_logged)`). Only the logged
+    value changes: the micro-batch's backward has already run. Outside the Trainer's loop (no accumulators yet): the
+    loss as it is."""
+    if getattr(trainer, "_tr_loss", None) is None:
+        return loss
+    filler = trainer._tr_loss / (1 + trainer.state.global_step - trainer._globalstep_last_logged)
+    return torch.where(torch.isfinite(loss), loss, filler.to(loss.dtype))
 
 
 def rewind_scheduler(scheduler, saved: dict) -> None:
@@ -275,12 +292,51 @@ def _normalisation_problems() -> list[str]:
     return []
 
 
+class _NonFiniteLoss(_Tiny):
+    """_Tiny whose loss value is NaN at its third forward and infinite at its sixth (their gradients stay finite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, y):
+        self.calls += 1
+        bad = {3: float("nan"), 6: float("inf")}.get(self.calls, 0.0)
+        return {"loss": super().forward(x, y)["loss"] + bad}
+
+
+def _loss_filter_problems() -> list[str]:
+    """The same 8 steps with a NaN and an infinite loss, logged every 4 steps: the Trainer's own filter and
+    filter_non_finite_loss (the Trainer's filter off) log the same losses."""
+    class Filtered(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            return filter_non_finite_loss(self, super().training_step(model, inputs, num_items_in_batch))
+
+    logged = []
+    with tempfile.TemporaryDirectory() as out:
+        for cls, own_filter in ((Trainer, True), (Filtered, False)):
+            torch.manual_seed(0)
+            data = [{"x": torch.randn(2), "y": torch.randn(())} for _ in range(8)]
+            args = TrainingArguments(out, max_steps=8, per_device_train_batch_size=1, report_to=[], use_cpu=True,
+                                     disable_tqdm=True, logging_steps=4, logging_nan_inf_filter=own_filter)
+            trainer = cls(model=_NonFiniteLoss(), args=args, train_dataset=data)
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            logged.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    if len(logged[0]) != 2 or not all(math.isfinite(v) for v in logged[0]) or logged[0] != logged[1]:
+        return [f"transformers {version('transformers')}: the Trainer's logging_nan_inf_filter adds _tr_loss / "
+                f"(1 + global_step - _globalstep_last_logged) for a non-finite loss no longer holds (used by "
+                f"transformers_internals.filter_non_finite_loss; logged {logged[0]} by the Trainer's filter, "
+                f"{logged[1]} by flexrank's)"]
+    return []
+
+
 def private_api_problems() -> list[str]:
     """One line per internal above that no longer behaves as flexrank relies on (empty when all do)."""
     problems = []
     for check, dependency in ((_resume_problems, "transformers"), (_save_problems, "transformers"),
                               (_attention_problems, "transformers"), (_scheduler_problems, "torch"),
-                              (_normalisation_problems, "transformers")):
+                              (_normalisation_problems, "transformers"), (_loss_filter_problems, "transformers")):
         try:
             problems += check()
         except Exception as exc:  # e.g. a renamed method: the check itself cannot run
