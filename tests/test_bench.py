@@ -69,7 +69,8 @@ def test_gpu_runs_its_rows_on_cpu_from_a_config(tmp_path):
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                 vocab_size=49152, tie_word_embeddings=True).to_json_file(config)
     out = _run("gpu.py", "--cpu", "--config", str(config), "--rows", "lora,stock,lora-small,stock-small,flash",
-               "--tokens", "150", "--small-batch", "2", "--steps", "2", "--warmup", "1", "--sample", "128", "--out", str(tmp_path)).stdout
+               "--tokens", "150", "--small-batch", "2", "--steps", "2", "--warmup", "1", "--sample", "128",
+               "--out", str(tmp_path)).stdout
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("gpu-*.json")]
     (model,) = result["models"].values()
     rows = model["rows"]

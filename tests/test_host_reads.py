@@ -38,15 +38,12 @@ class _ArmedSteps(TrainerCallback):
         self.steps += 1
 
 
-def _train(model, controller, out, steps=STEPS, trainers=None, **extra) -> HostReadTrap:
-    """FlexTrainer with flexrank's preemption callback, no logging or save step, every step checked. `trainers`: a
-    list that gets the trainer."""
+def _train(model, controller, out, steps=STEPS, **extra) -> tuple[HostReadTrap, FlexTrainer]:
+    """FlexTrainer with flexrank's preemption callback, no logging or save step, every step checked."""
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2,
                              gradient_accumulation_steps=ACCUMULATION, max_steps=steps, learning_rate=1e-2, logging_steps=10 * steps, save_strategy="no",
                              report_to=[], use_cpu=True, seed=0, **extra)
     trainer = FlexTrainer(model=model, args=args, train_dataset=ProgressionData(), controller=controller)
-    if trainers is not None:
-        trainers.append(trainer)
     preemption = PreemptionCallback()
     trap = HostReadTrap()
     armed = _ArmedSteps(trap)
@@ -58,7 +55,7 @@ def _train(model, controller, out, steps=STEPS, trainers=None, **extra) -> HostR
     finally:
         preemption.restore_handlers()
     assert armed.steps == steps and trap.operators > 0 and trap.violations == []
-    return trap
+    return trap, trainer
 
 
 def _adalora(model, **schedule):
@@ -219,7 +216,7 @@ def test_a_whole_step_reads_nothing(tiny_llama, tmp_path, kind):
         model, ctrl = get_peft_model(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")), None
     else:
         model, ctrl = elastic_supernet(tiny_llama)
-    trap = _train(model, ctrl, tmp_path, max_grad_norm=1.0)
+    trap, _ = _train(model, ctrl, tmp_path, max_grad_norm=1.0)
     # (the elastic helper's recording controller reads its masks: test code)
     libraries = [read for read in trap.others if f"{os.sep}tests{os.sep}" not in read]
     outside_the_mask_builder = [read for read in libraries if "transformers/masking_utils.py" not in read]
@@ -234,8 +231,7 @@ def test_the_flop_count_counts_the_parameters_once(tiny_llama, tmp_path):
     parameters = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     count, calls = tiny_llama.num_parameters, []
     tiny_llama.num_parameters = lambda **kwargs: (calls.append(kwargs), count(**kwargs))[1]
-    trainers = []
-    _train(model, None, tmp_path, trainers=trainers)
+    _, trainer = _train(model, None, tmp_path)
     tokens = STEPS * ACCUMULATION * 2 * 16  # steps x micro-batches x 2 records of 16 tokens (ProgressionData)
-    assert trainers[0].state.total_flos == 6 * tokens * parameters
+    assert trainer.state.total_flos == 6 * tokens * parameters
     assert calls == [{"exclude_embeddings": True}]

@@ -124,7 +124,7 @@ class FlexTrainer(PortableResume, Trainer):
         # The Trainer's NaN/inf filter of the logged loss reads every micro-batch's loss on the host (a GPU sync per
         # step); FlexTrainer applies the same filter on the device (training_step).
         self.filter_non_finite, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
-        self._flops_per_token = None  # (main input name, the Trainer's FLOPs for one token): floating_point_ops
+        self._flops_per_token = None  # the Trainer's FLOPs for one token, counted once (floating_point_ops)
         if controller is not None:
             self.add_callback(_ControllerCallback(self, controller))
 
@@ -195,11 +195,12 @@ class FlexTrainer(PortableResume, Trainer):
     def floating_point_ops(self, inputs) -> int:
         """The Trainer's count (6 x tokens x non-embedding parameters), with the parameters counted once: the
         Trainer counts them again at every micro-batch, a walk over every module of the model."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs:
+            return 0
         if self._flops_per_token is None:
-            main = getattr(self.model, "main_input_name", "input_ids")
-            self._flops_per_token = main, super().floating_point_ops({main: torch.empty(1)})
-        main, per_token = self._flops_per_token
-        return per_token * inputs[main].numel() if main in inputs else 0
+            self._flops_per_token = super().floating_point_ops({main: torch.empty(1)})
+        return self._flops_per_token * inputs[main].numel()
 
     def log(self, logs, *args, **kwargs):
         if self.controller is not None and "loss" in logs:
